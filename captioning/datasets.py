@@ -1,0 +1,296 @@
+"""Read captioning datasets in their native layouts into one normalised form.
+
+Supported layouts (``fmt``):
+
+- ``flickr_token``: Flickr8k ``Flickr8k.token.txt`` / Flickr30k ``results_20130124.token``
+  (``name.jpg#i<TAB>caption``);
+- ``flickr_csv``: the common re-distribution ``captions.txt`` (``image,caption`` CSV);
+- ``flickr30k_csv``: Flickr30k ``results.csv`` (``image_name| comment_number| comment``);
+- ``coco``: MS-COCO ``captions_*.json`` annotation files;
+- ``karpathy``: Karpathy split JSON (``dataset_flickr8k.json``, ``dataset_coco.json``, ...);
+- ``auto``: pick one of the above from the file name and its first bytes.
+
+Splits come from the Karpathy JSON, or from Flickr split files
+(``Flickr_8k.trainImages.txt`` / ``devImages`` / ``testImages``) beside the captions
+file, else from a seeded random split. Problems that make the file unreadable raise
+:class:`CaptioningError` naming the file and line; problems a user wants skipped
+(missing image files, empty captions, duplicates) are counted in the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CaptioningError
+
+SPLITS = ("train", "val", "test")
+FORMATS = ("auto", "flickr_token", "flickr_csv", "flickr30k_csv", "coco", "karpathy")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+# Karpathy JSON uses "restval" for the COCO val images moved into training.
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+FLICKR_SPLIT_FILES = {"train": "trainImages", "val": "devImages", "test": "testImages"}
+_TOKEN_KEY = re.compile(r"^(?P<image>.+?)#(?P<n>\d+)$")
+
+
+def read_lines(path):
+    """Lines of a UTF-8 text file; invalid bytes are an error naming the line."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CaptioningError(f"{path}: file not found") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CaptioningError(f"{path}:{n}: not valid UTF-8 ({e.reason} at column {e.start + 1})") from None
+    return lines
+
+
+def parse_flickr_token(path):
+    """``name.jpg#i<TAB>caption`` lines -> [(image, caption, line)]."""
+    rows = []
+    for n, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise CaptioningError(f"{path}:{n}: expected 'image#n<TAB>caption', found no tab")
+        key, caption = line.split("\t", 1)
+        m = _TOKEN_KEY.match(key.strip())
+        if not m:
+            raise CaptioningError(f"{path}:{n}: bad image key {key!r}: expected 'name.jpg#<number>'")
+        rows.append((m["image"], caption, n))
+    return rows
+
+
+def _csv_rows(path, delimiter, header, n_fields):
+    text = "\n".join(read_lines(path)) + "\n"
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True, skipinitialspace=True)
+    rows = []
+    try:
+        first = next(reader, None)
+        got = [h.strip() for h in first] if first else None
+        if got != header:
+            raise CaptioningError(f"{path}:1: expected header {delimiter.join(header)!r}, got {first!r}")
+        for fields in reader:
+            n = reader.line_num
+            if not fields or not any(f.strip() for f in fields):
+                continue
+            if len(fields) != n_fields:
+                raise CaptioningError(
+                    f"{path}:{n}: expected {n_fields} fields separated by {delimiter!r}, got {len(fields)}"
+                    " (check the quoting)"
+                )
+            rows.append(([f.strip() for f in fields], n))
+    except csv.Error as e:
+        raise CaptioningError(f"{path}:{reader.line_num}: broken CSV: {e}") from None
+    return rows
+
+
+def parse_flickr_csv(path):
+    """``image,caption`` CSV (captions quoted when they hold commas)."""
+    return [(f[0], f[1], n) for f, n in _csv_rows(path, ",", ["image", "caption"], 2)]
+
+
+def parse_flickr30k_csv(path):
+    """Flickr30k ``results.csv``: ``image_name| comment_number| comment``."""
+    rows = _csv_rows(path, "|", ["image_name", "comment_number", "comment"], 3)
+    out = []
+    for f, n in rows:
+        if not f[1].isdigit():
+            raise CaptioningError(f"{path}:{n}: comment_number {f[1]!r} is not a number")
+        out.append((f[0], f[2], n))
+    return out
+
+
+def _load_json(path):
+    from .io import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CaptioningError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def parse_coco(path):
+    """MS-COCO caption annotations -> [(file_name, caption, None)]."""
+    data = _load_json(path)
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise CaptioningError(f"{path}: missing the '{key}' list of a COCO captions file")
+    files = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise CaptioningError(f"{path}: images[{i}] needs 'id' and 'file_name'")
+        files[im["id"]] = im["file_name"]
+    rows = []
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise CaptioningError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'")
+        if ann["image_id"] not in files:
+            raise CaptioningError(
+                f"{path}: annotations[{i}] (id {ann.get('id')}) refers to unknown image_id {ann['image_id']}"
+            )
+        rows.append((files[ann["image_id"]], str(ann["caption"]), None))
+    return rows
+
+
+def parse_karpathy(path):
+    """Karpathy split JSON -> ([(filepath/filename, caption, None)], {image: split})."""
+    data = _load_json(path)
+    if not isinstance(data.get("images"), list):
+        raise CaptioningError(f"{path}: missing the 'images' list of a Karpathy split file")
+    rows, splits = [], {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "filename" not in im or "sentences" not in im:
+            raise CaptioningError(f"{path}: images[{i}] needs 'filename' and 'sentences'")
+        name = f"{im['filepath']}/{im['filename']}" if im.get("filepath") else im["filename"]
+        split = im.get("split")
+        if split not in KARPATHY_SPLITS:
+            raise CaptioningError(
+                f"{path}: images[{i}] ({name}) has unknown split {split!r}"
+                f" (expected one of {', '.join(KARPATHY_SPLITS)})"
+            )
+        splits[name] = KARPATHY_SPLITS[split]
+        for s in im["sentences"]:
+            raw = s.get("raw") if isinstance(s, dict) else None
+            if raw is None and isinstance(s, dict) and "tokens" in s:
+                raw = " ".join(s["tokens"])
+            if raw is None:
+                raise CaptioningError(f"{path}: images[{i}] ({name}) has a sentence without 'raw' or 'tokens'")
+            rows.append((name, raw, None))
+    return rows, splits
+
+
+def detect_format(path) -> str:
+    """Guess the layout of a captions file from its name and first line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptioningError(f"{path}: captions file not found")
+    head = path.read_bytes()[:4096].decode("utf-8", errors="replace")
+    if path.suffix == ".json" or head.lstrip().startswith("{"):
+        data = _load_json(path)
+        if "annotations" in data:
+            return "coco"
+        if "images" in data and "dataset" in data or (data.get("images") and "sentences" in data["images"][0]):
+            return "karpathy"
+        raise CaptioningError(f"{path}: JSON file is neither COCO captions nor a Karpathy split")
+    first = head.splitlines()[0].strip() if head else ""
+    if first.replace(" ", "") == "image_name|comment_number|comment":
+        return "flickr30k_csv"
+    if first.replace(" ", "") == "image,caption":
+        return "flickr_csv"
+    if "\t" in first and "#" in first.split("\t")[0]:
+        return "flickr_token"
+    raise CaptioningError(f"{path}:1: cannot tell the dataset layout from this line; set the format explicitly")
+
+
+def read_split_files(directory):
+    """Flickr-style split lists beside the captions file -> {image: split}, or None if absent."""
+    directory = Path(directory)
+    found = {}
+    for split, stem in FLICKR_SPLIT_FILES.items():
+        files = sorted(directory.glob(f"Flickr_*.{stem}.txt"))
+        for f in files:
+            for n, line in enumerate(read_lines(f), 1):
+                name = line.strip()
+                if not name:
+                    continue
+                if name in found and found[name] != split:
+                    raise CaptioningError(f"{f}:{n}: {name} is also listed in the {found[name]} split")
+                found[name] = split
+    return found or None
+
+
+def seeded_split(names, ratios, seed):
+    """Assign sorted ``names`` to splits by ``ratios`` (train, val, test) with a seeded shuffle."""
+    names = sorted(names)
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_train = int(round(ratios[0] * len(names)))
+    n_val = int(round(ratios[1] * len(names)))
+    out = {}
+    for rank, i in enumerate(order):
+        out[names[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return out
+
+
+def load_dataset(captions, images, fmt="auto", split_ratios=(0.8, 0.1, 0.1), seed=0, max_bad_fraction=0.01):
+    """Parse a dataset and return ``(records, report)``.
+
+    ``records``: sorted list of ``{"image": path relative to images, "split", "captions"}``.
+    ``report``: counts (and names) of everything skipped. Raises :class:`CaptioningError` when
+    more than ``max_bad_fraction`` of the listed images are missing on disk.
+    """
+    captions, images = Path(captions), Path(images)
+    if fmt not in FORMATS:
+        raise CaptioningError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if not images.is_dir():
+        raise CaptioningError(f"{images}: image directory not found")
+    fmt = detect_format(captions) if fmt == "auto" else fmt
+    splits = None
+    if fmt == "karpathy":
+        rows, splits = parse_karpathy(captions)
+    else:
+        rows = {"flickr_token": parse_flickr_token, "flickr_csv": parse_flickr_csv,
+                "flickr30k_csv": parse_flickr30k_csv, "coco": parse_coco}[fmt](captions)
+        if fmt != "coco":
+            splits = read_split_files(captions.parent)
+    if not rows:
+        raise CaptioningError(f"{captions}: no captions found")
+
+    report = {"format": fmt, "empty_captions": [], "duplicate_captions": 0, "missing_images": [],
+              "not_in_split": 0, "images_without_captions": []}
+    by_image: dict[str, list[str]] = {}
+    for image, caption, line in rows:
+        caption = " ".join(caption.split())
+        if not caption:
+            report["empty_captions"].append(f"{captions}:{line}" if line else f"{captions}: {image}")
+            continue
+        caps = by_image.setdefault(image, [])
+        if caption in caps:
+            report["duplicate_captions"] += 1
+            continue
+        caps.append(caption)
+
+    if splits is None:
+        splits = seeded_split(by_image, split_ratios, seed)
+        report["split_source"] = "seeded"
+    else:
+        report["split_source"] = "karpathy" if fmt == "karpathy" else "split files"
+
+    records = []
+    for image in sorted(by_image):
+        if image not in splits:
+            report["not_in_split"] += 1
+            continue
+        if not (images / image).is_file():
+            report["missing_images"].append(image)
+            continue
+        records.append({"image": image, "split": splits[image], "captions": by_image[image]})
+    for image, split in splits.items():
+        if image not in by_image and split and (images / image).is_file():
+            report["images_without_captions"].append(image)
+    on_disk = {p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    listed = {Path(r).name for r in by_image}
+    report["image_files_without_captions"] = len(on_disk - listed)
+
+    listed_n = len(records) + len(report["missing_images"])
+    bad = len(report["missing_images"]) / max(1, listed_n)
+    if bad > max_bad_fraction:
+        raise CaptioningError(
+            f"{captions}: {len(report['missing_images'])} of {listed_n} listed images are missing under {images}"
+            f" (first: {report['missing_images'][0]}); more than max_bad_fraction={max_bad_fraction}"
+        )
+    if not records:
+        raise CaptioningError(f"{captions}: no usable images (all captions empty or images missing)")
+    report["images"] = len(records)
+    report["captions"] = sum(len(r["captions"]) for r in records)
+    report["splits"] = {s: sum(r["split"] == s for r in records) for s in SPLITS}
+    return records, report

@@ -1,0 +1,283 @@
+"""CNN encoders (Keras applications without their classifier) and HDF5 feature files.
+
+The features file holds, for every image (row ``i`` belongs to ``images[i]``):
+
+- ``spatial``: ``(N, H*W, C)`` the chosen layer's feature map, flattened for attention;
+- ``pooled``:  ``(N, C)`` its spatial mean;
+- ``images``:  ``(N,)`` the image keys (paths relative to the image folder);
+
+with the encoder's settings as file attributes, so the captioning command can rebuild the
+very same encoder. Extraction is resumable: finished chunks are kept in ``<out>.partial/``
+and reused after an interruption; the final file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CaptioningError
+from .images import ImageError, load_image
+from .io import atomic_path
+
+# backbone -> (keras.applications constructor, preprocess module, default feature layer)
+BACKBONES = {
+    "vgg16": ("VGG16", "vgg16", "block5_conv3"),
+    "resnet50": ("ResNet50", "resnet50", "conv5_block3_out"),
+    "inceptionv3": ("InceptionV3", "inception_v3", "mixed10"),
+    "xception": ("Xception", "xception", "block14_sepconv2_act"),
+    "mobilenet": ("MobileNet", "mobilenet", "conv_pw_13_relu"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to rebuild an encoder exactly (stored as HDF5 attributes)."""
+
+    backbone: str = "vgg16"
+    weights: str = "none"  # "imagenet", "none" (random init from seed) or a weights file path
+    layer: str = ""  # "" = the backbone's last convolutional block
+    image_size: int = 224
+    alpha: float = 1.0  # MobileNet width multiplier
+    seed: int = 0
+
+    def resolved_layer(self) -> str:
+        return self.layer or BACKBONES[self.backbone][2]
+
+    def attrs(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer"] = self.resolved_layer()
+        return d
+
+
+def build_encoder(spec: EncoderSpec):
+    """``(model, preprocess)``: image batch (B, S, S, 3) in 0..255 -> feature map (B, h, w, C)."""
+    import keras
+
+    if spec.backbone not in BACKBONES:
+        raise CaptioningError(f"unknown backbone {spec.backbone!r} (expected one of {', '.join(BACKBONES)})")
+    ctor_name, module_name, _ = BACKBONES[spec.backbone]
+    ctor = getattr(keras.applications, ctor_name)
+    preprocess = getattr(keras.applications, module_name).preprocess_input
+    if spec.weights == "none":
+        weights = None
+        keras.utils.set_random_seed(spec.seed)  # random init, reproducible from the seed
+    elif spec.weights == "imagenet":
+        weights = "imagenet"  # Keras downloads and caches these (needs network once)
+    else:
+        weights = spec.weights
+        if not Path(weights).is_file():
+            raise CaptioningError(f"{weights}: encoder weights file not found")
+    kwargs = {"alpha": spec.alpha} if spec.backbone == "mobilenet" else {}
+    try:
+        base = ctor(include_top=False, weights=weights, input_shape=(spec.image_size, spec.image_size, 3), **kwargs)
+    except ValueError as e:
+        raise CaptioningError(f"cannot build {spec.backbone} with image_size={spec.image_size}: {e}") from None
+    except OSError as e:
+        raise CaptioningError(f"{weights}: cannot load encoder weights: {e}") from None
+    try:
+        out = base.get_layer(spec.resolved_layer()).output
+    except ValueError:
+        raise CaptioningError(f"{spec.backbone} has no layer named {spec.resolved_layer()!r}") from None
+    return keras.Model(base.input, out, name=f"{spec.backbone}_encoder"), preprocess
+
+
+def make_forward(model, preprocess):
+    """A compiled forward function: uint8-range RGB batch -> (spatial (B, h*w, C), pooled (B, C))."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def forward(images):  # (B, S, S, 3) float32
+        fmap = model(preprocess(images), training=False)  # (B, h, w, C)
+        b, h, w, c = tf.unstack(tf.shape(fmap))
+        spatial = tf.reshape(fmap, (b, h * w, c))  # (B, L, C)
+        return spatial, tf.reduce_mean(spatial, axis=1)
+
+    return forward
+
+
+def _image_batches(paths, size, batch_size):
+    """tf.data pipeline: decode + resize in parallel (PIL in worker threads), batched, prefetched.
+
+    Yields ``(images (B, S, S, 3), ok (B,), error (B,))``; a bad image is a zero image with
+    ``ok=False`` and its reason, so one corrupt file never stops the pipeline.
+    """
+    import tensorflow as tf
+
+    paths = [str(p) for p in paths]
+
+    def decode(i):
+        try:
+            return load_image(paths[int(i)], size), True, b""
+        except ImageError as e:
+            return np.zeros((size, size, 3), np.float32), False, str(e).encode()
+
+    def tf_decode(i):
+        img, ok, err = tf.numpy_function(decode, [i], [tf.float32, tf.bool, tf.string], stateful=False)
+        img.set_shape((size, size, 3))
+        ok.set_shape(())
+        err.set_shape(())
+        return img, ok, err
+
+    ds = tf.data.Dataset.range(len(paths))
+    ds = ds.map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
+def _fingerprint(spec: EncoderSpec, keys, batch_size, dtype) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([spec.attrs(), batch_size, dtype], sort_keys=True).encode())
+    for k in keys:
+        h.update(k.encode() + b"\0")
+    return h.hexdigest()
+
+
+def extract_features(spec: EncoderSpec, image_dir, keys, out, batch_size=32, dtype="float16",
+                     chunk_batches=8, max_bad_fraction=0.01, progress=True, on_chunk=None):
+    """Encode every image in ``keys`` (paths under ``image_dir``) into the HDF5 file ``out``.
+
+    Work is saved in chunks of ``chunk_batches`` batches under ``<out>.partial/``; a rerun with
+    the same settings resumes from them and produces the same file an uninterrupted run
+    would. Unreadable images are skipped and returned in the report; more than
+    ``max_bad_fraction`` of them is an error. Returns the report dict.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    keys = list(keys)
+    if not keys:
+        raise CaptioningError("no images to encode")
+    partial = out.with_name(out.name + ".partial")
+    fp = _fingerprint(spec, keys, batch_size, dtype)
+    chunk = batch_size * chunk_batches
+    n_chunks = (len(keys) + chunk - 1) // chunk
+
+    done = set()
+    if partial.is_dir():
+        marker = partial / "fingerprint"
+        if marker.is_file() and marker.read_text() == fp:
+            for p in partial.glob("chunk-*.h5"):
+                done.add(int(p.stem.split("-")[1]))
+        else:
+            shutil.rmtree(partial)  # stale work from other settings or images
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "fingerprint").write_text(fp)
+
+    todo = [c for c in range(n_chunks) if c not in done]
+    t0 = time.perf_counter()
+    n_new = 0
+    if todo:
+        model, preprocess = build_encoder(spec)
+        forward = make_forward(model, preprocess)
+        # One pipeline over the remaining chunks (they start on batch boundaries, so the
+        # batches are the same as in an uninterrupted run).
+        todo_keys = [k for c in todo for k in keys[c * chunk:(c + 1) * chunk]]
+        batches = iter(_image_batches([Path(image_dir) / k for k in todo_keys], spec.image_size, batch_size))
+        bar = tqdm(total=len(keys), initial=len(keys) - len(todo_keys), unit="img",
+                   desc="features", disable=not progress)
+        for c in todo:
+            ck = keys[c * chunk:(c + 1) * chunk]
+            spatial, pooled, oks, errs = [], [], [], []
+            for _ in range((len(ck) + batch_size - 1) // batch_size):
+                images, ok, err = next(batches)
+                s, p = forward(images)
+                spatial.append(s.numpy().astype(dtype))
+                pooled.append(p.numpy().astype(dtype))
+                oks.append(ok.numpy())
+                errs.extend(e.decode() for e in err.numpy())
+                bar.update(len(ok))
+            _write_chunk(partial / f"chunk-{c:05d}.h5", ck, np.concatenate(spatial),
+                         np.concatenate(pooled), np.concatenate(oks), errs)
+            n_new += len(ck)
+            if on_chunk:
+                on_chunk(c)
+        bar.close()
+    elapsed = time.perf_counter() - t0
+
+    report = _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, len(keys))
+    shutil.rmtree(partial)
+    report.update(resumed_images=len(keys) - n_new, encoded_images=n_new, seconds=round(elapsed, 2),
+                  images_per_second=round(n_new / elapsed, 2) if n_new and elapsed > 0 else None)
+    return report
+
+
+def _write_chunk(path, keys, spatial, pooled, ok, errors):
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f["spatial"] = spatial
+            f["pooled"] = pooled
+            f["ok"] = ok
+            f["images"] = np.array(keys, dtype=h5py.string_dtype())
+            f["errors"] = np.array(errors, dtype=h5py.string_dtype())
+
+
+def _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, n_total):
+    skipped = []
+    parts = []
+    for c in range(n_chunks):
+        with h5py.File(partial / f"chunk-{c:05d}.h5", "r") as f:
+            ok = f["ok"][:]
+            keys = f["images"].asstr()[:]
+            errs = f["errors"].asstr()[:]
+            skipped += [{"image": k, "error": e} for k, e, o in zip(keys, errs, ok) if not o]
+            parts.append((f["spatial"][:][ok], f["pooled"][:][ok], keys[ok]))
+    if len(skipped) > max_bad_fraction * n_total:
+        first = skipped[0]
+        raise CaptioningError(
+            f"{len(skipped)} of {n_total} images could not be read (first: {first['image']}: {first['error']});"
+            f" more than max_bad_fraction={max_bad_fraction}"
+        )
+    spatial = np.concatenate([p[0] for p in parts])
+    pooled = np.concatenate([p[1] for p in parts])
+    keys = np.concatenate([p[2] for p in parts])
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("spatial", data=spatial, chunks=(1,) + spatial.shape[1:])
+            f.create_dataset("pooled", data=pooled)
+            f.create_dataset("images", data=keys.astype(object), dtype=h5py.string_dtype())
+            for k, v in spec.attrs().items():
+                f.attrs[k] = v
+            side = int(round(np.sqrt(spatial.shape[1])))
+            f.attrs["grid"] = (side, spatial.shape[1] // side)
+            f.attrs["feature_dim"] = spatial.shape[2]
+            f.attrs["dtype"] = str(spatial.dtype)
+    return {"images": int(len(keys)), "skipped": skipped, "spatial_shape": list(spatial.shape),
+            "pooled_shape": list(pooled.shape)}
+
+
+class FeatureStore:
+    """Read a features file: ``store.spec``, ``store.index[key]``, ``store.load(split_keys)``."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.keys = list(f["images"].asstr()[:])
+                self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v)
+                              for k, v in f.attrs.items()}
+                self.num_locations, self.feature_dim = f["spatial"].shape[1:]
+        except (OSError, KeyError) as e:
+            raise CaptioningError(f"{self.path}: not a features file ({e})") from None
+        self.index = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def spec(self) -> EncoderSpec:
+        names = {f.name for f in dataclasses.fields(EncoderSpec)}
+        return EncoderSpec(**{k: self.attrs[k] for k in names})
+
+    def load(self, keys, pooled=False):
+        """``(len(keys), L, C)`` spatial features (or ``(len(keys), C)`` pooled) as float32."""
+        missing = [k for k in keys if k not in self.index]
+        if missing:
+            raise CaptioningError(f"{self.path}: no features for {len(missing)} images (first: {missing[0]})")
+        rows = np.array([self.index[k] for k in keys], dtype=np.int64)
+        with h5py.File(self.path, "r") as f:
+            data = f["pooled" if pooled else "spatial"][:]  # one contiguous read beats fancy indexing
+        return data[rows].astype(np.float32)

@@ -1,0 +1,14 @@
+"""One exception type for problems a user can fix (bad input, bad params).
+
+Stages catch ``CaptioningError`` and print its message without a traceback; anything else
+is a bug and keeps its traceback.
+"""
+
+
+class CaptioningError(Exception):
+    """A user-facing error: the message names the file (and line) or the parameter at fault."""
+
+
+def where(path, line=None) -> str:
+    """``path:line`` prefix for error messages."""
+    return f"{path}:{line}" if line is not None else f"{path}"

@@ -1,0 +1,53 @@
+"""Decode any image a user is likely to have into an RGB float array of a fixed size.
+
+PIL does the decoding because it handles what real photo folders contain: JPEG (CMYK too),
+PNG (16-bit too), GIF, grayscale, palette and alpha images. Large JPEGs are decoded at a
+reduced scale (``draft``), so a 12000x9000 photo costs little more than a small one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image
+
+
+class ImageError(Exception):
+    """An image file that cannot be decoded; ``str(e)`` says why."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or 32-bit grayscale: rescale the full range into 0..255 before converting
+        a = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path, size: int) -> np.ndarray:
+    """``(size, size, 3)`` float32 RGB in 0..255, aspect squashed as the CNNs were trained."""
+    try:
+        with warnings.catch_warnings():
+            # Big photos are fine (JPEGs decode at reduced scale); only PIL's hard limit
+            # (DecompressionBombError, ~179 Mpx) turns an image away.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when big
+                img.load()
+                rgb = _to_rgb(img)
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image file PIL can read") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too many pixels ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"cannot decode: {e}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32)

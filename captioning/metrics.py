@@ -1,0 +1,87 @@
+"""COCO caption metrics (pycocoevalcap) and the generated dataset's content accuracy.
+
+``COCOEvalCap.evaluate()`` always builds SPICE, which needs Stanford CoreNLP 3.6.0 jars that
+pycocoevalcap downloads on first use. Offline that fails, so the scorers are assembled here
+and SPICE runs only when the jars are already present.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def spice_available(env=None):
+    """``(True, "")`` when SPICE can run, else ``(False, why)``.
+
+    SPICE looks for the CoreNLP jars in ``pycocoevalcap/spice/lib``. Put them there, or point
+    ``SPICE_CORENLP_DIR`` at a folder holding both (they are linked into place).
+    """
+    import pycocoevalcap.spice as spice_pkg
+
+    env = os.environ if env is None else env
+    lib = Path(spice_pkg.__file__).parent / "lib"
+    if all((lib / j).is_file() for j in CORENLP_JARS):
+        return True, ""
+    src = env.get("SPICE_CORENLP_DIR")
+    if src and all((Path(src) / j).is_file() for j in CORENLP_JARS):
+        for j in CORENLP_JARS:
+            target = lib / j
+            if not target.exists():
+                try:
+                    target.symlink_to(Path(src, j).resolve())
+                except OSError:
+                    shutil.copyfile(Path(src, j), target)
+        return True, ""
+    where = f"{lib} or $SPICE_CORENLP_DIR"
+    return False, f"SPICE skipped: Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) not found in {where}"
+
+
+def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print) -> dict:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when available) for ``{id: [refs]}`` vs ``{id: hyp}``.
+
+    Captions are tokenised with the PTB tokenizer exactly as the COCO evaluation server does.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ids = sorted(hypotheses)
+    if sorted(references) != ids:
+        raise ValueError("references and hypotheses must cover the same ids")
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+    res = tok.tokenize({i: [{"caption": hypotheses[i]}] for i in ids})
+    scorers = [(Bleu(4), ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]), (Meteor(), "METEOR"),
+               (Rouge(), "ROUGE-L"), (Cider(), "CIDEr")]
+    if use_spice is None:
+        use_spice, why = spice_available()
+        if not use_spice:
+            log(why)
+    if use_spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append((Spice(), "SPICE"))
+    out = {}
+    for scorer, names in scorers:
+        score, _ = scorer.compute_score(gts, res)
+        if isinstance(names, list):
+            out.update({n: float(s) for n, s in zip(names, score)})
+        else:
+            out[names] = float(score)
+        if hasattr(scorer, "close"):
+            scorer.close()
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+def content_accuracy(hypotheses: dict, truth: dict) -> float:
+    """Share of images whose caption names every object with its correct attributes (shapes data)."""
+    from .shapes import content_correct
+
+    ids = sorted(hypotheses)
+    return round(sum(content_correct(hypotheses[i], truth[i]) for i in ids) / max(1, len(ids)), 6)

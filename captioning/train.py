@@ -1,0 +1,195 @@
+"""Teacher-forced training with early stopping and resumable checkpoints.
+
+A checkpoint (written after every epoch, atomically) holds the current and best weights,
+the optimizer's variables and the loop state. Batches are drawn from an RNG seeded by
+``(seed, epoch)`` and dropout masks from ``(seed, step)``, so a run resumed from a checkpoint
+follows exactly the path of one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CaptioningError
+from .io import atomic_path
+
+
+@dataclasses.dataclass
+class CaptionSet:
+    """Training examples: one row per caption, pointing at its image's features."""
+
+    features: np.ndarray  # (N_images, L, C) float32
+    tokens: np.ndarray  # (N_captions, T) int32, <start> ... <end> then 0 padding
+    image_rows: np.ndarray  # (N_captions,) row of each caption's image in ``features``
+
+    def batches(self, batch_size, rng=None):
+        """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption."""
+        order = np.arange(len(self.tokens)) if rng is None else rng.permutation(len(self.tokens))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            toks = self.tokens[idx]
+            width = int((toks > 0).sum(axis=1).max())
+            yield self.features[self.image_rows[idx]], toks[:, :width]
+
+
+@dataclasses.dataclass
+class FitSettings:
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    epochs: int = 10
+    patience: int = 3  # epochs without val-loss improvement before stopping
+    attention_reg: float = 1.0  # weight of the doubly stochastic attention term
+    clip_norm: float = 5.0
+    seed: int = 0
+
+
+def _fingerprint(model, settings, train, val) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([model.settings(), dataclasses.asdict(settings)], sort_keys=True).encode())
+    for arr in (train.features, train.tokens, train.image_rows, val.features, val.tokens, val.image_rows):
+        h.update(str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path, model, optimizer, state, best_weights):
+    """Write the whole checkpoint to a temporary folder, then swap it in."""
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        model.save_weights(tmp / "last.weights.h5")
+        with h5py.File(tmp / "best.weights.h5", "w") as f:
+            for i, w in enumerate(best_weights):
+                f[f"w{i:04d}"] = w
+        with h5py.File(tmp / "optimizer.h5", "w") as f:
+            for i, v in enumerate(optimizer.variables):
+                f[f"v{i:04d}"] = np.asarray(v)
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def _load_checkpoint(path, model, optimizer, fingerprint):
+    """Restore model/optimizer/state from ``path`` when it matches ``fingerprint``; else None."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.is_dir() and old.is_dir():  # killed mid-swap: the previous checkpoint is intact
+        path = old
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if state.get("fingerprint") != fingerprint or state.get("complete"):
+        return None
+    model.load_weights(path / "last.weights.h5")
+    with h5py.File(path / "optimizer.h5", "r") as f:
+        for i, v in enumerate(optimizer.variables):
+            v.assign(f[f"v{i:04d}"][:])
+    with h5py.File(path / "best.weights.h5", "r") as f:
+        best = [f[k][:] for k in sorted(f)]
+    return state, best
+
+
+def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkpoint_dir,
+        on_epoch=None, progress=True, log=print):
+    """Train ``model`` in place; leaves the best (lowest val loss) weights in it.
+
+    ``on_epoch(epoch, metrics)`` is called after every epoch, also for epochs replayed from
+    a checkpoint, so loggers see the full history. Returns the final state dict.
+    """
+    import keras
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from .model import masked_loss
+
+    if len(train.tokens) == 0 or len(val.tokens) == 0:
+        raise CaptioningError("training needs captions in both the train and the val split")
+    model.build()
+    optimizer = keras.optimizers.Adam(settings.learning_rate)
+    optimizer.build(model.trainable_variables)
+    L, C = train.features.shape[1:]
+    sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
+
+    @tf.function(input_signature=sig + [tf.TensorSpec([2], tf.int32)])
+    def train_step(feats, tokens, seed):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with tf.GradientTape() as tape:
+            logits, alphas = model.forward(feats, inputs, dropout_seed=seed)
+            loss = masked_loss(logits, targets, alphas, settings.attention_reg)
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function(input_signature=sig)
+    def val_step(feats, tokens):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        logits, _ = model.forward(feats, inputs)
+        mask = tf.cast(targets > 0, tf.float32)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+
+    fingerprint = _fingerprint(model, settings, train, val)
+    restored = _load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
+    if restored:
+        state, best_weights = restored
+        log(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
+        for m in state["history"]:
+            if on_epoch:
+                on_epoch(m["epoch"], m)
+    else:
+        state = {"fingerprint": fingerprint, "epoch": 0, "step": 0, "best_val_loss": None,
+                 "best_epoch": 0, "bad_epochs": 0, "history": [], "complete": False}
+        best_weights = [np.asarray(w) for w in model.weights]
+
+    while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
+        epoch = state["epoch"] + 1
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([settings.seed, epoch])
+        total, n = 0.0, 0
+        n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
+        bar = tqdm(train.batches(settings.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
+                   unit="batch", disable=not progress, leave=False)
+        for feats, toks in bar:
+            state["step"] += 1
+            seed = tf.constant([settings.seed, state["step"]], tf.int32)
+            loss = float(train_step(feats, toks, seed))
+            if not np.isfinite(loss):
+                raise CaptioningError(f"training diverged at epoch {epoch} step {state['step']} (loss {loss});"
+                                      " lower train.learning_rate")
+            total, n = total + loss * len(toks), n + len(toks)
+            bar.set_postfix(loss=f"{total / n:.3f}")
+        ce, count = 0.0, 0.0
+        for feats, toks in val.batches(settings.batch_size):
+            s, c = val_step(feats, toks)
+            ce, count = ce + float(s), count + float(c)
+        val_loss = ce / count
+        metrics = {"epoch": epoch, "train_loss": round(total / n, 6), "val_loss": round(val_loss, 6),
+                   "val_perplexity": round(float(np.exp(val_loss)), 4),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+        state["history"].append(metrics)
+        state["epoch"] = epoch
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+            best_weights = [np.asarray(w) for w in model.weights]
+        else:
+            state["bad_epochs"] += 1
+        log(f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f}"
+            f" ({metrics['seconds']:.0f}s)")
+        _save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+
+    for var, w in zip(model.weights, best_weights):
+        var.assign(w)
+    state["complete"] = True
+    _save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+    return state

@@ -1,0 +1,70 @@
+"""Stage: caption a split by beam search and score it with the COCO metrics (see ``main``)."""
+
+import click
+
+from captioning import config
+from captioning.cli import seed_everything, user_errors
+from captioning.errors import CaptioningError
+from captioning.io import read_json, write_json
+
+
+@config.dataclasses.dataclass
+class Params:
+    split: str = config.field("test", choices=("train", "val", "test"))
+    beam_size: int = config.field(3, lo=1, hi=50, doc="1 = greedy")
+    max_length: int = config.field(20, lo=1, hi=200, doc="words per generated caption")
+    length_penalty: float = config.field(0.0, lo=0.0, hi=5.0, doc="score / length**alpha")
+    batch_size: int = config.field(64, lo=1)
+
+
+@click.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--model", "model_file", required=True, type=click.Path(dir_okay=False), help="Trained model (.keras).")
+@click.option("--vocab", "vocab_file", required=True, type=click.Path(dir_okay=False), help="Vocabulary JSON.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features.")
+@click.option("--dataset", required=True, type=click.Path(dir_okay=False), help="Normalised dataset JSON (references).")
+@click.option("--truth", type=click.Path(dir_okay=False), help="Ground truth JSON of the generated data (content accuracy).")
+@click.option("--metrics", "metrics_out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
+@click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="Predictions JSON to write.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@user_errors
+def main(params_file, model_file, vocab_file, features, dataset, truth, metrics_out, predictions, progress):
+    """Caption one split with batched beam search and score it with pycocoevalcap.
+
+    BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when Stanford CoreNLP 3.6.0 is installed;
+    see README), plus content accuracy when TRUTH covers the images (the generated data).
+    """
+    p = config.load_params(params_file, {"evaluate": Params})["evaluate"]
+    seed_everything(config.load_seed(params_file))
+    from captioning.decode import caption_features, load_captioner
+    from captioning.encoder import FeatureStore
+    from captioning.metrics import coco_scores, content_accuracy
+    from captioning.vocab import Vocabulary
+
+    store = FeatureStore(features)
+    records = [r for r in read_json(dataset)["images"] if r["split"] == p.split and r["image"] in store.index]
+    if not records:
+        raise CaptioningError(f"{dataset}: no images with features in the '{p.split}' split")
+    model = load_captioner(model_file)
+    voc = Vocabulary.from_json(read_json(vocab_file))
+    keys = [r["image"] for r in records]
+    hyps = caption_features(model, voc, store.load(keys), beam_size=p.beam_size, max_length=p.max_length,
+                            length_penalty=p.length_penalty, batch_size=p.batch_size, progress=progress)
+    refs = {r["image"]: r["captions"] for r in records}
+    by_key = dict(zip(keys, hyps))
+    scores = coco_scores(refs, by_key, log=click.echo)
+    if truth:
+        gt = read_json(truth)
+        if all(k in gt for k in keys):
+            scores["content_accuracy"] = content_accuracy(by_key, gt)
+        else:
+            click.echo(f"content accuracy skipped: {truth} does not describe these images")
+    scores.update(images=len(keys), split=p.split, beam_size=p.beam_size)
+    write_json(metrics_out, scores)
+    write_json(predictions, [{"image": k, "caption": by_key[k], "references": refs[k]} for k in keys])
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float))
+    click.echo(f"evaluate: {len(keys)} {p.split} images, beam {p.beam_size}: {shown} -> {metrics_out}")
+
+
+if __name__ == "__main__":
+    main()
