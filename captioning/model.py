@@ -127,13 +127,15 @@ class Captioner(keras.Model):
 def masked_loss(logits, targets, alphas, attention_reg=0.0):
     """Mean cross-entropy over real tokens (targets > 0) plus SAT's doubly stochastic term.
 
-    The regulariser pushes every location's attention, summed over the caption, towards 1,
-    so the decoder looks at the whole image rather than fixating on one place.
+    The regulariser pushes every location's attention, summed over the caption, towards its
+    fair share T/L (SAT uses 1, which assumes about as many words as locations), so the
+    decoder looks at the whole image over the caption instead of fixating on one place.
     """
     mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
     loss = tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
     if attention_reg > 0:
         coverage = tf.reduce_sum(alphas * mask[:, :, None], axis=1)  # (B, L)
-        loss += attention_reg * tf.reduce_mean(tf.reduce_sum((1.0 - coverage) ** 2, axis=-1))
+        share = tf.reduce_sum(mask, axis=1, keepdims=True) / tf.cast(tf.shape(alphas)[-1], mask.dtype)  # (B, 1)
+        loss += attention_reg * tf.reduce_mean(tf.reduce_sum((share - coverage) ** 2, axis=-1))
     return loss

@@ -27,7 +27,7 @@ COLOURS = {
     "yellow": (235, 210, 40),
     "purple": (140, 50, 170),
 }
-SIZES = {"small": 0.09, "large": 0.17}  # radius as a fraction of the image side
+SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
 BACKGROUNDS = {
     "white": (245, 245, 245),
     "gray": (128, 128, 128),

@@ -45,7 +45,7 @@ class FitSettings:
     learning_rate: float = 1e-3
     epochs: int = 10
     patience: int = 3  # epochs without val-loss improvement before stopping
-    attention_reg: float = 1.0  # weight of the doubly stochastic attention term
+    attention_reg: float = 0.01  # weight of the doubly stochastic attention term
     clip_norm: float = 5.0
     seed: int = 0
 

@@ -16,7 +16,7 @@ class Params:
     units: int = config.field(512, lo=1)
     attention_units: int = config.field(256, lo=1)
     dropout: float = config.field(0.3, lo=0.0, hi=0.95)
-    attention_reg: float = config.field(1.0, lo=0.0, doc="doubly stochastic attention weight")
+    attention_reg: float = config.field(0.01, lo=0.0, doc="doubly stochastic attention weight")
     batch_size: int = config.field(64, lo=1)
     learning_rate: float = config.field(1e-3, lo=1e-7, hi=1.0)
     epochs: int = config.field(10, lo=1)

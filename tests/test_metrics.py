@@ -1,0 +1,46 @@
+"""pycocoevalcap scoring on toy sets with known values (needs Java, as the real metrics do)."""
+
+import pytest
+
+from captioning.metrics import coco_scores, content_accuracy, spice_available
+
+REFS = {"1": ["a small red circle", "a red circle"], "2": ["a large blue square to the left of a green circle"]}
+
+
+def test_identical_hypotheses_score_perfectly():
+    hyps = {"1": "a small red circle", "2": "a large blue square to the left of a green circle"}
+    s = coco_scores(REFS, hyps, use_spice=False)
+    for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
+        assert s[k] == pytest.approx(1.0, abs=1e-6), k
+    assert s["METEOR"] > 0.95
+    assert set(s) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+
+
+def test_known_bleu_and_rouge_values():
+    # hyp "a red square" vs ref "a red circle": 2 of 3 unigrams match, 1 of 2 bigrams, equal length (BP = 1)
+    s = coco_scores({"1": ["a red circle"]}, {"1": "a red square"}, use_spice=False)
+    assert s["BLEU-1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert s["BLEU-2"] == pytest.approx((2 / 3 * 1 / 2) ** 0.5, abs=1e-6)
+    assert s["ROUGE-L"] == pytest.approx(2 / 3, abs=1e-6)  # LCS 2 of 3 both ways (beta 1.2, P = R)
+
+
+def test_wrong_captions_score_lower():
+    good = coco_scores(REFS, {"1": "a small red circle", "2": "a large blue square"}, use_spice=False)
+    bad = coco_scores(REFS, {"1": "two dogs run", "2": "a man rides a horse"}, use_spice=False)
+    for k in good:
+        assert good[k] > bad[k], k
+
+
+def test_spice_is_reported_missing_in_one_line(tmp_path):
+    ok, why = spice_available({"SPICE_CORENLP_DIR": str(tmp_path)})
+    if not ok:  # the offline default: no CoreNLP 3.6.0 jars
+        assert why.startswith("SPICE skipped:") and "stanford-corenlp-3.6.0.jar" in why and "\n" not in why
+
+
+def test_content_accuracy():
+    truth = {"x": {"objects": [{"size": "small", "colour": "red", "shape": "circle"},
+                               {"size": "large", "colour": "blue", "shape": "square"}]}}
+    assert content_accuracy({"x": "a large blue square right of a small red circle"}, truth) == 1.0
+    assert content_accuracy({"x": "a small red circle"}, truth) == 0.0  # one object missing
+    assert content_accuracy({"x": "a small blue circle and a large blue square"}, truth) == 0.0  # wrong colour
+    assert content_accuracy({"x": "a small red circle, a large blue square and a small red circle"}, truth) == 0.0

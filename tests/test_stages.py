@@ -1,0 +1,120 @@
+"""Every stage's CLI through click's CliRunner, end to end on a tiny generated dataset."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stages import caption, evaluate, features, generate, prepare, train, vocab
+
+
+def invoke(cmd, args):
+    result = CliRunner().invoke(cmd.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_params, monkeypatch):
+    """Run generate -> prepare -> features -> vocab -> train -> evaluate in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    params, _ = tiny_params
+    p = lambda *a: ["--params", params, *a]  # noqa: E731
+    outs = {"gen": invoke(generate, p("--out-dir", "data/shapes"))}
+    outs["prepare"] = invoke(prepare, p("--captions", "data/shapes/dataset_shapes.json", "--images", "data/shapes/images",
+                                        "--out", "data/dataset.json", "--report", "reports/prepare.json"))
+    outs["features"] = invoke(features, p("--dataset", "data/dataset.json", "--images", "data/shapes/images",
+                                          "--out", "data/features.h5", "--report", "reports/features.json", "--no-progress"))
+    outs["vocab"] = invoke(vocab, p("--dataset", "data/dataset.json", "--vocab", "data/vocab.json",
+                                    "--captions", "data/captions.h5"))
+    outs["train"] = invoke(train, p("--features", "data/features.h5", "--vocab", "data/vocab.json",
+                                    "--captions", "data/captions.h5", "--model", "models/m.keras",
+                                    "--config", "models/config.json", "--checkpoint", "ckpt",
+                                    "--live-dir", "reports/train", "--no-progress"))
+    outs["evaluate"] = invoke(evaluate, p("--model", "models/m.keras", "--vocab", "data/vocab.json",
+                                          "--features", "data/features.h5", "--dataset", "data/dataset.json",
+                                          "--truth", "data/shapes/ground_truth.json", "--metrics", "reports/metrics.json",
+                                          "--predictions", "reports/predictions.json", "--no-progress"))
+    return tmp_path, outs
+
+
+def test_stages_end_to_end(pipeline):
+    root, outs = pipeline
+    for name, out in outs.items():
+        assert out.strip().splitlines()[-1].startswith(name if name != "gen" else "generate"), out
+    assert len(list((root / "data/shapes/images").glob("*.png"))) == 24
+    ds = json.loads((root / "data/dataset.json").read_text())
+    assert [r["split"] for r in ds["images"]].count("test") == 4
+    with h5py.File(root / "data/features.h5") as f:
+        assert f["spatial"].shape == (24, 16, 256)  # 32 px through block3_pool: 4x4 grid
+    voc = json.loads((root / "data/vocab.json").read_text())["words"]
+    assert voc[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "circle" in voc
+    cfg = json.loads((root / "models/config.json").read_text())
+    assert cfg["model"]["units"] == 8 and cfg["encoder"]["layer"] == "block3_pool"
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "content_accuracy"):
+        assert 0.0 <= metrics[k] <= 10.0
+    assert metrics["images"] == 4 and "SPICE skipped" in outs["evaluate"]
+    preds = json.loads((root / "reports/predictions.json").read_text())
+    assert len(preds) == 4 and set(preds[0]) == {"image", "caption", "references"}
+    tsv = (root / "reports/train/plots/metrics/val_loss.tsv").read_text().splitlines()
+    assert tsv[0].split("\t")[-1] == "val_loss" and len(tsv) == 3  # header + 2 epochs
+    state = json.loads((root / "ckpt/state.json").read_text())
+    assert state["complete"] and state["epoch"] == 2
+
+
+def test_caption_cli(pipeline):
+    root, _ = pipeline
+    imgs = sorted((root / "data/shapes/images").glob("*.png"))[:2]
+    (root / "broken.jpg").write_text("not an image")
+    args = ["--model", "models/m.keras", "--config", "models/config.json", "--vocab", "data/vocab.json", "--json"]
+    result = CliRunner().invoke(caption.main, args + [str(imgs[0]), str(root / "broken.jpg"), str(imgs[1])])
+    assert result.exit_code == 1  # one image failed
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(imgs[0]), str(imgs[1])]
+    assert all(isinstance(line["caption"], str) for line in lines)
+    assert "broken.jpg: not an image file" in result.stderr
+    ok = CliRunner().invoke(caption.main, args[:-1] + ["--beam-size", "1", str(imgs[0])])
+    assert ok.exit_code == 0 and ok.stdout.startswith(str(imgs[0]) + "\t")
+
+
+def test_caption_features_match_the_stored_ones(pipeline):
+    """The caption command rebuilds the very encoder (random init from seed) the features came from."""
+    root, _ = pipeline
+    from captioning.encoder import EncoderSpec, FeatureStore, build_encoder, make_forward
+    from captioning.images import load_image
+
+    store = FeatureStore(root / "data/features.h5")
+    cfg = json.loads((root / "models/config.json").read_text())
+    spec = EncoderSpec(**{k: cfg["encoder"][k] for k in EncoderSpec.__dataclass_fields__})
+    key = store.keys[0]
+    spatial, _ = make_forward(*build_encoder(spec))(load_image(root / "data/shapes/images" / key, spec.image_size)[None])
+    np.testing.assert_allclose(spatial.numpy()[0], store.load([key])[0], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"train": {"units": "many"}}, "train.units: expected an integer, got 'many'"),
+    ({"train": {"dropout": 1.5}}, "train.dropout: must be <= 0.95, got 1.5"),
+    ({"train": {"unit": 3}}, "train.unit: unknown setting"),
+    ({"seed": -1}, "seed: must be >= 0"),
+])
+def test_bad_params_get_one_clear_message(tmp_path, tiny_params, edit, message):
+    path, base = tiny_params
+    data = {**base, **{k: ({**base[k], **v} if isinstance(v, dict) else v) for k, v in edit.items()}}
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(train.main, ["--params", str(path), "--features", "f", "--vocab", "v", "--captions", "c",
+                                             "--model", "m", "--config", "c", "--checkpoint", "k", "--live-dir", "l"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {message}" or result.output.strip().startswith(f"Error: {message}")
+    assert "Traceback" not in result.output
+
+
+def test_unknown_split_param(tmp_path, tiny_params):
+    path, base = tiny_params
+    path.write_text(yaml.safe_dump({**base, "evaluate": {**base["evaluate"], "split": "tst"}}))
+    result = CliRunner().invoke(evaluate.main, ["--params", str(path), "--model", "m", "--vocab", "v", "--features", "f",
+                                                "--dataset", "d", "--metrics", "m", "--predictions", "p"])
+    assert result.exit_code == 1 and "evaluate.split: must be one of train, val, test; got 'tst'" in result.output

@@ -1,0 +1,120 @@
+"""Training: learns, resumes after SIGKILL from the last checkpoint, and is deterministic."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from captioning.errors import CaptioningError
+from captioning.model import Captioner
+from captioning.train import CaptionSet, FitSettings, fit
+
+
+def toy_sets(seed=0):
+    """Image i has one of 3 'colours' in its features; its caption names that colour."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(30) % 3
+    feats = rng.normal(size=(30, 4, 6)).astype("float32") * 0.1
+    feats[np.arange(30), :, labels] += 2.0
+    tokens = np.array([[1, 4, 5 + lab, 2] for lab in labels], dtype="int32")  # <start> a <colour> <end>
+    train = CaptionSet(feats[:24], tokens[:24], np.arange(24))
+    val = CaptionSet(feats[24:], tokens[24:], np.arange(6))
+    return train, val
+
+
+def make_model(seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return Captioner(vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, attention_units=4,
+                     dropout=0.1)
+
+
+SETTINGS = FitSettings(batch_size=8, learning_rate=0.05, epochs=6, patience=6, seed=3)
+
+
+def test_fit_learns_and_keeps_best_weights(tmp_path):
+    train, val = toy_sets()
+    m = make_model()
+    logged = []
+    state = fit(m, train, val, SETTINGS, tmp_path / "ckpt", on_epoch=lambda e, mt: logged.append(e), progress=False,
+                log=lambda s: None)
+    assert logged == [1, 2, 3, 4, 5, 6] and state["complete"]
+    losses = [h["val_loss"] for h in state["history"]]
+    assert losses[-1] < losses[0] * 0.5
+    assert state["best_val_loss"] == min(losses)
+
+
+def test_same_seed_same_weights(tmp_path):
+    train, val = toy_sets()
+    weights = []
+    for name in ("a", "b"):
+        m = make_model()
+        fit(m, train, val, SETTINGS, tmp_path / name, progress=False, log=lambda s: None)
+        weights.append([w.numpy() for w in m.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+KILLABLE = """
+import time, sys
+sys.path.insert(0, {tests!r})
+from test_train import toy_sets, make_model, SETTINGS
+from captioning.train import fit
+train, val = toy_sets()
+fit(make_model(), train, val, SETTINGS, {ckpt!r}, on_epoch=lambda e, m: time.sleep(1.0), progress=False)
+"""
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    script = KILLABLE.format(tests=os.path.dirname(__file__), ckpt=str(ckpt))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    epoch = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            epoch = json.loads((ckpt / "state.json").read_text())["epoch"]
+        except (OSError, ValueError):
+            pass
+        if epoch >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= epoch < SETTINGS.epochs, "the run should have been killed part-way"
+
+    train, val = toy_sets()
+    messages, logged = [], []
+    resumed = make_model()
+    state = fit(resumed, train, val, SETTINGS, ckpt, on_epoch=lambda e, m: logged.append(e), progress=False,
+                log=messages.append)
+    assert messages[0].startswith("resuming from") and f"after epoch {epoch}" in messages[0]
+    assert logged == [1, 2, 3, 4, 5, 6]  # history replayed, then continued
+
+    clean = make_model()
+    clean_state = fit(clean, train, val, SETTINGS, tmp_path / "clean", progress=False, log=lambda s: None)
+    assert state["history"][-1]["val_loss"] == clean_state["history"][-1]["val_loss"]
+    for a, b in zip(resumed.weights, clean.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_finished_checkpoint_is_not_resumed(tmp_path):
+    train, val = toy_sets()
+    fit(make_model(), train, val, SETTINGS, tmp_path / "ckpt", progress=False, log=lambda s: None)
+    messages = []
+    fit(make_model(), train, val, SETTINGS, tmp_path / "ckpt", progress=False, log=messages.append)
+    assert not any(m.startswith("resuming") for m in messages)
+
+
+def test_empty_val_split_is_a_clear_error(tmp_path):
+    train, val = toy_sets()
+    empty = CaptionSet(val.features, val.tokens[:0], val.image_rows[:0])
+    with pytest.raises(CaptioningError, match="both the train and the val split"):
+        fit(make_model(), train, empty, SETTINGS, tmp_path / "c", progress=False)
