@@ -27,7 +27,8 @@ COLOURS = {
     "yellow": (235, 210, 40),
     "purple": (140, 50, 170),
 }
-SIZES = {"small": 0.11, "large": 0.19}  # radius as a fraction of the image side
+SIZES = {"small": 0.11, "large": 0.18}
+GRID = 8  # object centres snap to the centres of an 8x8 grid  # radius as a fraction of the image side
 BACKGROUNDS = {
     "white": (245, 245, 245),
     "gray": (128, 128, 128),
@@ -78,6 +79,10 @@ def _polygon(kind, cx, cy, r):
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
     if kind == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if kind == "cross":
+        w = r * 0.35
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
+                (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
     raise ValueError(kind)
 
 
@@ -102,13 +107,18 @@ def _place(rng, n_obj, radii, layout, side):
         else:
             ys = np.sort(rng.uniform(0.15, 0.85, n_obj))
             xs = rng.uniform(0.3, 0.7, n_obj)
-        ok = all(r <= x <= 1 - r and r <= y <= 1 - r for x, y, r in zip(xs, ys, radii))
+        # Centres sit on a coarse grid (cell centres of an 8x8 grid): the CNN sees each
+        # shape at a consistent offset to its pooling cells, which keeps shapes learnable
+        # from random-init features.
+        xs, ys = (np.floor(xs * GRID) + 0.5) / GRID, (np.floor(ys * GRID) + 0.5) / GRID
+        ok = all(r <= x + 0.02 and x - 0.02 <= 1 - r and r <= y + 0.02 and y - 0.02 <= 1 - r
+                 for x, y, r in zip(xs, ys, radii))
         main = xs if layout == "row" else ys
         other = ys if layout == "row" else xs
         for i in range(n_obj - 1):
             gap = main[i + 1] - main[i]
             # a clear separation along the main axis, and more than across it: unambiguous relation
-            ok &= gap > radii[i] + radii[i + 1] + 0.03 and gap > 1.5 * abs(other[i + 1] - other[i])
+            ok &= gap > radii[i] + radii[i + 1] + 0.01 and gap > 1.5 * abs(other[i + 1] - other[i])
         if ok:
             return list(zip(xs.tolist(), ys.tolist()))
     return None

@@ -51,8 +51,11 @@ class FitSettings:
 
 
 def _fingerprint(model, settings, train, val) -> str:
+    """Identity of a training trajectory. ``epochs`` and ``patience`` only decide when to stop,
+    not the path, so they are left out: a run can be resumed with a longer or shorter schedule."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([model.settings(), dataclasses.asdict(settings)], sort_keys=True).encode())
+    path = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("epochs", "patience")}
+    h.update(json.dumps([model.settings(), path], sort_keys=True).encode())
     for arr in (train.features, train.tokens, train.image_rows, val.features, val.tokens, val.image_rows):
         h.update(str(arr.shape).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
@@ -91,9 +94,9 @@ def _load_checkpoint(path, model, optimizer, fingerprint):
     model.load_weights(path / "last.weights.h5")
     with h5py.File(path / "optimizer.h5", "r") as f:
         for i, v in enumerate(optimizer.variables):
-            v.assign(f[f"v{i:04d}"][:])
+            v.assign(f[f"v{i:04d}"][()])  # [()] reads scalars (the step counter) too
     with h5py.File(path / "best.weights.h5", "r") as f:
-        best = [f[k][:] for k in sorted(f)]
+        best = [f[k][()] for k in sorted(f)]
     return state, best
 
 

@@ -1,0 +1,49 @@
+"""Feature extraction speed: images/s end to end (decode + resize + CNN + HDF5) next to the
+CNN's forward-only speed at the same batch size, in the same run.
+
+    python benchmarks/features_speed.py IMAGE_DIR [--backbone mobilenet --alpha 0.75
+        --weights ../shared/weights/mobilenet_7_5_224_tf_no_top.h5 --image-size 224 --limit 1000]
+"""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+@click.command()
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", default="vgg16")
+@click.option("--weights", default="none")
+@click.option("--layer", default="")
+@click.option("--alpha", default=1.0, type=float)
+@click.option("--image-size", default=224, type=int)
+@click.option("--batch-size", default=32, type=int)
+@click.option("--limit", default=500, type=int, help="Images to encode.")
+def main(backbone, weights, layer, alpha, image_size, batch_size, limit):
+    from captioning.encoder import EncoderSpec, build_encoder, extract_features, make_forward
+
+    spec = EncoderSpec(backbone=backbone, weights=weights, layer=layer, image_size=image_size, alpha=alpha)
+    keys = sorted(p.name for p in Path(image_dir).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = extract_features(spec, image_dir, keys, Path(tmp) / "f.h5", batch_size=batch_size, progress=False)
+    forward = make_forward(*build_encoder(spec))
+    batch = np.random.default_rng(0).uniform(0, 255, (batch_size, image_size, image_size, 3)).astype(np.float32)
+    forward(batch)  # trace
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 20 or n < 3:
+        forward(batch)[0].numpy()
+        n += 1
+    fwd = n * batch_size / (time.perf_counter() - t0)
+    print(f"{backbone} (alpha {alpha}, {weights}) {image_size}px batch {batch_size}, {len(keys)} images,"
+          f" {os.cpu_count()} CPUs: end to end {rep['images_per_second']:.1f} img/s,"
+          f" forward only {fwd:.1f} img/s ({rep['images_per_second'] / fwd:.0%} of forward)")
+
+
+if __name__ == "__main__":
+    main()
