@@ -47,7 +47,7 @@ def test_fit_learns_and_keeps_best_weights(tmp_path):
     assert logged == [1, 2, 3, 4, 5, 6] and state["complete"]
     losses = [h["val_loss"] for h in state["history"]]
     assert losses[-1] < losses[0] * 0.5
-    assert state["best_val_loss"] == min(losses)
+    assert round(state["best_val_loss"], 6) == min(losses) and state["best_epoch"] == 6
 
 
 def test_same_seed_same_weights(tmp_path):
