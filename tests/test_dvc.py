@@ -30,6 +30,8 @@ def project(tmp_path):
     git_init(repo)
     dvc("init", "-q", cwd=repo)
     dvc("config", "core.analytics", "false", cwd=repo)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=repo, check=True)  # dvclive needs a commit
     return repo
 
 
