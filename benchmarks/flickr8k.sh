@@ -5,14 +5,15 @@
 # workspace results stay as they are; `dvc exp show` compares them afterwards.
 #   bash benchmarks/flickr8k.sh            # soft attention (the headline run)
 #   bash benchmarks/flickr8k.sh noatt      # same, no attention ("image as initial state")
-#   bash benchmarks/flickr8k.sh blind      # same decoder, image features zeroed
+#   bash benchmarks/flickr8k.sh blind      # same decoder, image features zeroed (attention over
+#                                          # all-zero features carries nothing, so it runs without it)
 set -euo pipefail
 variant=${1:-attention}
 extra=()
 case "$variant" in
   attention) ;;
   noatt) extra=(-S train.attention=false) ;;
-  blind) extra=(-S train.blind=true) ;;
+  blind) extra=(-S train.blind=true -S train.attention=false) ;;
   *) echo "unknown variant $variant (attention | noatt | blind)" >&2; exit 2 ;;
 esac
 dvc exp run -n "flickr8k-$variant" \

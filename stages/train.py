@@ -88,6 +88,7 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
     with atomic_path(model_out, suffix=".keras") as tmp:
         model.save(tmp)
     write_json(config_out, {"model": model.settings(), "encoder": store.spec.attrs(),
+                            "feature_dtype": str(store.attrs.get("dtype", "float32")),
                             "vocab_size": len(voc), "best_epoch": state["best_epoch"],
                             "best_val_loss": round(state["best_val_loss"], 6)})
     secs = sum(m["seconds"] for m in state["history"])
