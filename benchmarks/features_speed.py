@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 @click.option("--image-size", default=224, type=int)
 @click.option("--batch-size", default=32, type=int)
 @click.option("--limit", default=500, type=int, help="Images to encode.")
-def main(backbone, weights, layer, alpha, image_size, batch_size, limit):
+def main(image_dir, backbone, weights, layer, alpha, image_size, batch_size, limit):
     from captioning.encoder import EncoderSpec, build_encoder, extract_features, make_forward
 
     spec = EncoderSpec(backbone=backbone, weights=weights, layer=layer, image_size=image_size, alpha=alpha)

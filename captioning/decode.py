@@ -14,8 +14,9 @@ def make_step_fn(model):
     @tf.function(reduce_retracing=True)
     def step(tokens, h, f, keys):
         log_probs, h, _ = model.decode_step(tokens, h, f, keys)
-        # <pad> and <start> are never generated; masking them keeps beams meaningful.
-        banned = tf.one_hot([0, 1], tf.shape(log_probs)[-1], on_value=-1e9, off_value=0.0)
+        # <pad>, <start> and <unk> are never generated (ids 0, 1, 3; see vocab.SPECIALS): a
+        # caption of real words always beats one that says "<unk>".
+        banned = tf.one_hot([0, 1, 3], tf.shape(log_probs)[-1], on_value=-1e9, off_value=0.0)
         return log_probs + tf.reduce_sum(banned, axis=0), h
 
     def step_fn(tokens, state):
