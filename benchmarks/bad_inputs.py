@@ -1,6 +1,6 @@
 """Run every bad-input class through the real stages and print what each produced.
 
-    python benchmarks/bad_inputs.py        # prints a markdown table
+    python -m benchmarks.bad_inputs        # from the repo root; prints a markdown table
 
 Each case builds a small dataset in a temporary folder, runs `prepare` (and `features` for
 image problems) through its click CLI, and reports the exit status plus the error line or the
