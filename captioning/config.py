@@ -102,10 +102,6 @@ def load_params(path, sections: dict):
     return {name: from_dict(cls, data.get(name), name) for name, cls in sections.items()}
 
 
-def asdict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def load_seed(path) -> int:
     """The shared top-level ``seed`` of a params file (default 0)."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

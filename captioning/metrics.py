@@ -74,8 +74,6 @@ def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print) -
             out.update({n: float(s) for n, s in zip(names, score)})
         else:
             out[names] = float(score)
-        if hasattr(scorer, "close"):
-            scorer.close()
     return {k: round(v, 6) for k, v in out.items()}
 
 
