@@ -25,6 +25,7 @@ dvc exp run -n "flickr8k-$variant" \
   -S features.image_size=224 -S features.batch_size=64 \
   -S vocab.min_count=5 -S vocab.max_length=20 \
   -S train.embed_dim=256 -S train.units=512 -S train.attention_units=256 -S train.dropout=0.3 \
-  -S train.batch_size=128 -S train.learning_rate=0.001 -S train.epochs=5 -S train.patience=2 \
+  -S train.batch_size=128 -S train.learning_rate=0.001 -S train.lr_decay=1.0 -S train.attention_reg=0.01 \
+  -S train.epochs=5 -S train.patience=2 \
   -S evaluate.split=val -S evaluate.beam_size=5 \
   "${extra[@]}"

@@ -33,6 +33,10 @@ class Captioner(keras.Model):
         self.embed = layers.Embedding(vocab_size, embed_dim, name="embed")
         self.cell = layers.GRUCell(units, name="gru")
         if attention:
+            # Conv features say *what* is at a location but hardly *where* it is; a learned
+            # embedding per location lets attention pick "the left one" and lets the context
+            # carry layout ("above" vs "left of").
+            self.feat_pos = layers.Embedding(num_locations, feature_dim, name="feat_pos")
             self.att_keys = layers.Dense(attention_units, name="att_keys")
             self.att_query = layers.Dense(attention_units, use_bias=False, name="att_query")
             self.att_score = layers.Dense(1, name="att_score")
@@ -62,6 +66,8 @@ class Captioner(keras.Model):
             features = tf.zeros_like(features)  # the blind baseline: same decoder, no image
         f = self.feat_norm(features)  # (B, L, C)
         h0 = self.init_h(tf.reduce_mean(f, axis=1))  # (B, U)
+        if self.attention:
+            f = f + self.feat_pos(tf.range(self.num_locations))[None]  # (B, L, C)
         keys = self.att_keys(f) if self.attention else tf.zeros_like(f[:, :, :1])  # (B, L, A)
         return h0, f, keys
 

@@ -3,7 +3,9 @@
 Each image holds 1-3 objects (a shape with a colour and a size) on a varied background
 (plain colours, gradients, noise). Each image gets several differently worded reference
 captions, all naming every object with its size, colour and shape, plus the spatial
-relation between them. The ground truth (objects, boxes, background) is kept so caption
+relation between them. Objects are always named in reading order (left to right, top to
+bottom) and the wording varies around them: which object a caption starts with is then a
+fact about the image, not a coin toss a decoder cannot see until the relation words. The ground truth (objects, boxes, background) is kept so caption
 content can be scored exactly (:func:`content_correct`).
 
 Output layout is the Karpathy split JSON that real datasets use, so the generated data
@@ -47,7 +49,7 @@ _ONE = [
 ]
 _ROW2 = [
     "a {a} to the left of a {b}",
-    "a {b} to the right of a {a}",
+    "to the right of a {a} is a {b}",
     "a {a} and a {b}",
     "a {a} next to a {b}",
     "a {a} left of a {b} on a {bg} background",
@@ -55,10 +57,10 @@ _ROW2 = [
 ]
 _COL2 = [
     "a {a} above a {b}",
-    "a {b} below a {a}",
+    "below a {a} is a {b}",
     "a {a} and a {b}",
     "a {a} on top of a {b}",
-    "a {b} under a {a} on a {bg} background",
+    "a {a} over a {b} on a {bg} background",
     "there is a {a} and a {b} beneath it",
 ]
 _ROW3 = [

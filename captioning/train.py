@@ -43,6 +43,7 @@ class CaptionSet:
 class FitSettings:
     batch_size: int = 64
     learning_rate: float = 1e-3
+    lr_decay: float = 1.0  # learning rate multiplier per epoch: epoch e trains at lr * lr_decay**(e-1)
     epochs: int = 10
     patience: int = 3  # epochs without val-loss improvement before stopping
     attention_reg: float = 0.01  # weight of the doubly stochastic attention term
@@ -156,6 +157,9 @@ def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkp
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
         epoch = state["epoch"] + 1
         t0 = time.perf_counter()
+        # Set from the epoch number alone, so a resumed run trains at the same rate.
+        lr = settings.learning_rate * settings.lr_decay ** (epoch - 1)
+        optimizer.learning_rate.assign(lr)
         rng = np.random.default_rng([settings.seed, epoch])
         total, n = 0.0, 0
         n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
@@ -176,7 +180,7 @@ def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkp
             ce, count = ce + float(s), count + float(c)
         val_loss = ce / count
         metrics = {"epoch": epoch, "train_loss": round(total / n, 6), "val_loss": round(val_loss, 6),
-                   "val_perplexity": round(float(np.exp(val_loss)), 4),
+                   "val_perplexity": round(float(np.exp(val_loss)), 4), "learning_rate": float(f"{lr:.6g}"),
                    "seconds": round(time.perf_counter() - t0, 2)}
         state["history"].append(metrics)
         state["epoch"] = epoch

@@ -19,6 +19,7 @@ class Params:
     attention_reg: float = config.field(0.01, lo=0.0, doc="doubly stochastic attention weight")
     batch_size: int = config.field(64, lo=1)
     learning_rate: float = config.field(1e-3, lo=1e-7, hi=1.0)
+    lr_decay: float = config.field(1.0, lo=0.01, hi=1.0, doc="learning rate multiplier per epoch")
     epochs: int = config.field(10, lo=1)
     patience: int = config.field(3, lo=1)
     clip_norm: float = config.field(5.0, lo=0.0)
@@ -74,12 +75,13 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
     model = Captioner(vocab_size=len(voc), feature_dim=store.feature_dim, num_locations=store.num_locations,
                       embed_dim=p.embed_dim, units=p.units, attention=p.attention,
                       attention_units=p.attention_units, dropout=p.dropout, blind=p.blind)
-    settings = FitSettings(batch_size=p.batch_size, learning_rate=p.learning_rate, epochs=p.epochs,
-                           patience=p.patience, attention_reg=p.attention_reg if p.attention else 0.0,
+    settings = FitSettings(batch_size=p.batch_size, learning_rate=p.learning_rate, lr_decay=p.lr_decay,
+                           epochs=p.epochs, patience=p.patience,
+                           attention_reg=p.attention_reg if p.attention else 0.0,
                            clip_norm=p.clip_norm, seed=seed)
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
         def on_epoch(epoch, m):
-            for k in ("train_loss", "val_loss", "val_perplexity"):
+            for k in ("train_loss", "val_loss", "val_perplexity", "learning_rate"):
                 live.log_metric(k, m[k])
             live.next_step()
 

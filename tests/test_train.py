@@ -38,7 +38,8 @@ def make_model(seed=0):
                      dropout=0.1)
 
 
-SETTINGS = FitSettings(batch_size=8, learning_rate=0.05, epochs=6, patience=6, seed=3)
+# lr_decay < 1: the kill-and-resume test then also checks the rate is restored per epoch.
+SETTINGS = FitSettings(batch_size=8, learning_rate=0.05, lr_decay=0.9, epochs=6, patience=6, seed=3)
 
 
 def test_fit_learns_and_keeps_best_weights(tmp_path):
@@ -51,6 +52,7 @@ def test_fit_learns_and_keeps_best_weights(tmp_path):
     losses = [h["val_loss"] for h in state["history"]]
     assert losses[-1] < losses[0] * 0.5
     assert round(state["best_val_loss"], 6) == min(losses) and state["best_epoch"] == 6
+    assert [h["learning_rate"] for h in state["history"]] == [float(f"{0.05 * 0.9 ** e:.6g}") for e in range(6)]
 
 
 def test_same_seed_same_weights(tmp_path):
