@@ -96,3 +96,14 @@ def test_keras_format_round_trip_in_safe_mode(tmp_path, attention):
     loaded = load_captioner(tmp_path / "m.keras")
     assert loaded.settings() == m.settings()
     np.testing.assert_array_equal(loaded.forward(FEATS, TOKENS)[0].numpy(), m.forward(FEATS, TOKENS)[0].numpy())
+
+
+def test_attention_knows_where_each_location_is():
+    """Identical content everywhere: only the location embedding can tell the places apart."""
+    m = tiny()
+    same = np.tile(np.arange(6, dtype="float32"), (1, 4, 1))  # (1, 4, 6), every location alike
+    _, alphas = m.forward(same, TOKENS[:1, :3])
+    assert not np.allclose(alphas.numpy(), 0.25, atol=1e-4)
+    m.feat_pos.set_weights([np.zeros((4, 6), "float32")])  # take the embedding away
+    _, alphas = m.forward(same, TOKENS[:1, :3])
+    np.testing.assert_allclose(alphas.numpy(), 0.25, rtol=1e-5)

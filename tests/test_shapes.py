@@ -33,8 +33,10 @@ def test_every_caption_names_every_object(tmp_path):
         gt = truth[im["filename"]]
         counts.add(len(gt["objects"]))
         assert len(im["sentences"]) == 5 and len({s["raw"] for s in im["sentences"]}) == 5
+        in_reading_order = [(o["size"], o["colour"], o["shape"]) for o in gt["objects"]]
         for s in im["sentences"]:
             assert shapes.content_correct(s["raw"], gt), (s["raw"], gt)
+            assert shapes.OBJECT_RE.findall(s["raw"]) == in_reading_order, s["raw"]
     assert counts == {1, 2, 3}
 
 
