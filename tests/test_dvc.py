@@ -1,6 +1,7 @@
 """The real DVC pipeline in a throwaway git repo: repro, no-op rerun, and byte-identical reruns."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,12 @@ from conftest import ROOT, TINY_PARAMS, git_init
 
 def dvc(*args, cwd):
     exe = Path(sys.executable).with_name("dvc")
-    r = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
+    # The stages import the project's own copy of the package (not the installed checkout) and
+    # write its __pycache__ as on a user's machine; some CI images turn byte-code off, which
+    # would hide a package hash that changes under the pipeline's feet.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(cwd)
+    r = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -29,6 +35,7 @@ def project(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     git_init(repo)
     dvc("init", "-q", cwd=repo)
+    shutil.copy(ROOT / ".dvcignore", repo)
     dvc("config", "core.analytics", "false", cwd=repo)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", "project"], cwd=repo, check=True)  # dvclive needs a commit
