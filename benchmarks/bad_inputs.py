@@ -132,21 +132,21 @@ def raw_cases(root):
 def all_cases(tmp):
     """{label: (exit code, last output line)} for every bad-input class, built under ``tmp``."""
     results = {}
-    if True:
-        def fresh(i):
-            root = Path(tmp) / str(i)
-            root.mkdir()
-            (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-            return root
-        i = 0
-        for label, (name, build) in IMAGE_CASES.items():
-            i += 1
-            results[label] = case_image(fresh(i), name, build)
-        for label, text in CAPTION_CASES.items():
-            i += 1
-            results[label] = case_captions(fresh(i), text)
+
+    def fresh(i):
+        root = Path(tmp) / str(i)
+        root.mkdir()
+        (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+        return root
+
+    i = 0
+    for label, (name, build) in IMAGE_CASES.items():
         i += 1
-        results.update(raw_cases(fresh(i)))
+        results[label] = case_image(fresh(i), name, build)
+    for label, text in CAPTION_CASES.items():
+        i += 1
+        results[label] = case_captions(fresh(i), text)
+    results.update(raw_cases(fresh(i + 1)))
     return results
 
 

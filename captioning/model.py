@@ -5,8 +5,9 @@ Shapes: B batch, L feature locations (h*w), C feature channels, T caption steps,
 With ``attention=True`` each step attends over the L locations (Bahdanau additive scoring,
 query = previous hidden state), gates the context (SAT's beta) and feeds it with the word
 embedding into the GRU. A learned embedding per location is added to the features first, so
-attention can select by place as well as by content. With ``attention=False`` it is the plain "image as initial state"
-decoder: the pooled image initialises the GRU and the words alone drive it.
+attention can select by place as well as by content. With ``attention=False`` it is the plain
+"image as initial state" decoder: the pooled image initialises the GRU and the words alone
+drive it.
 
 Dropout is stateless and takes an explicit seed, so a training run resumed from a checkpoint
 draws exactly the same dropout masks as one that never stopped.

@@ -5,8 +5,9 @@ Each image holds 1-3 objects (a shape with a colour and a size) on a varied back
 captions, all naming every object with its size, colour and shape, plus the spatial
 relation between them. Objects are always named in reading order (left to right, top to
 bottom) and the wording varies around them: which object a caption starts with is then a
-fact about the image, not a coin toss a decoder cannot see until the relation words. The ground truth (objects, boxes, background) is kept so caption
-content can be scored exactly (:func:`content_correct`).
+fact about the image, not a coin toss a decoder cannot see until the relation words. The
+ground truth (objects, boxes, background) is kept so caption content can be scored exactly
+(:func:`content_correct`).
 
 Output layout is the Karpathy split JSON that real datasets use, so the generated data
 goes through the same ``prepare`` parser as Flickr8k or COCO.
@@ -29,8 +30,8 @@ COLOURS = {
     "yellow": (235, 210, 40),
     "purple": (140, 50, 170),
 }
-SIZES = {"small": 0.11, "large": 0.18}
-GRID = 8  # object centres snap to the centres of an 8x8 grid  # radius as a fraction of the image side
+SIZES = {"small": 0.11, "large": 0.18}  # radius as a fraction of the image side
+GRID = 8  # object centres snap to the centres of an 8x8 grid
 BACKGROUNDS = {
     "white": (245, 245, 245),
     "gray": (128, 128, 128),
@@ -81,10 +82,6 @@ def _polygon(kind, cx, cy, r):
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
     if kind == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
-    if kind == "cross":
-        w = r * 0.35
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
-                (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
     raise ValueError(kind)
 
 
@@ -100,7 +97,7 @@ def _background(rng, name, n):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _place(rng, n_obj, radii, layout, side):
+def _place(rng, n_obj, radii, layout):
     """Centres (as fractions) for ``n_obj`` objects laid out in a row or a column, no overlap."""
     for _ in range(200):
         if layout == "row":
@@ -140,7 +137,7 @@ def make_scene(rng, image_size=64, supersample=2):
             for _ in range(n_obj)
         ]
         radii = [SIZES[o["size"]] for o in objs]
-        centres = _place(rng, n_obj, radii, layout, image_size)
+        centres = _place(rng, n_obj, radii, layout)
         if centres is not None:
             break
     bg = str(rng.choice(list(BACKGROUNDS)))

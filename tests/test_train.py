@@ -28,12 +28,9 @@ def toy_sets(seed=0):
 
 
 def make_model(seed=0):
-    import keras
-
     from captioning.cli import seed_everything
 
     seed_everything(seed)  # as the train stage does: seeded, deterministic TF ops
-    keras.utils.set_random_seed(seed)
     return Captioner(vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, attention_units=4,
                      dropout=0.1)
 
