@@ -19,6 +19,7 @@ esac
 dvc exp run -n "flickr8k-$variant" \
   -S dataset.captions=../shared/data/flickr8k/captions.txt \
   -S dataset.images=../shared/data/flickr8k/Images \
+  -S dataset.splits=../shared/data/flickr8k \
   -S dataset.format=flickr_csv \
   -S features.backbone=mobilenet -S features.alpha=0.75 -S features.layer=conv_pw_13_relu \
   -S features.weights=../shared/weights/mobilenet_7_5_224_tf_no_top.h5 \

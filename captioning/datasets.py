@@ -10,9 +10,10 @@ Supported layouts (``fmt``):
 - ``karpathy``: Karpathy split JSON (``dataset_flickr8k.json``, ``dataset_coco.json``, ...);
 - ``auto``: pick one of the above from the file name and its first bytes.
 
-Splits come from the Karpathy JSON, or from Flickr split files
-(``Flickr_8k.trainImages.txt`` / ``devImages`` / ``testImages``) beside the captions
-file, else from a seeded random split. Problems that make the file unreadable raise
+Splits come from where ``splits`` says, and from nothing else (so a pipeline that declares
+that path as an input sees every file this module reads): a folder of Flickr split lists
+(``Flickr_8k.trainImages.txt`` / ``devImages`` / ``testImages``), a Karpathy split JSON, or
+the captions file itself, which means its own split (Karpathy JSON) or a seeded random split. Problems that make the file unreadable raise
 :class:`CaptioningError` naming the file and line; problems a user wants skipped
 (missing image files, empty captions, duplicates) are counted in the report.
 """
@@ -221,12 +222,35 @@ def seeded_split(names, ratios, seed):
     return out
 
 
-def load_dataset(captions, images, fmt="auto", split_ratios=(0.8, 0.1, 0.1), seed=0, max_bad_fraction=0.01):
+def load_splits(source, captions, fmt):
+    """``({image: split}, source kind)`` from ``source``, or ``(None, ...)`` when the captions
+    file carries no split and a seeded one is wanted. See the module docstring."""
+    source = Path(source)
+    if source.is_dir():
+        found = read_split_files(source)
+        if not found:
+            raise CaptioningError(f"{source}: no Flickr split lists (Flickr_*.trainImages.txt, devImages,"
+                                  " testImages) in this folder")
+        return found, "split files"
+    if not source.is_file():
+        raise CaptioningError(f"{source}: split source not found")
+    if source.resolve() == Path(captions).resolve():
+        return (parse_karpathy(captions)[1], "karpathy") if fmt == "karpathy" else (None, "seeded")
+    if source.suffix == ".json" and detect_format(source) == "karpathy":
+        return parse_karpathy(source)[1], "karpathy"
+    raise CaptioningError(f"{source}: expected a folder of Flickr split lists, a Karpathy split JSON,"
+                          " or the captions file itself")
+
+
+def load_dataset(captions, images, fmt="auto", splits=None, split_ratios=(0.8, 0.1, 0.1), seed=0,
+                 max_bad_fraction=0.01):
     """Parse a dataset and return ``(records, report)``.
 
-    ``records``: sorted list of ``{"image": path relative to images, "split", "captions"}``.
-    ``report``: counts (and names) of everything skipped. Raises :class:`CaptioningError` when
-    more than ``max_bad_fraction`` of the listed images are missing on disk.
+    ``splits``: where train/val/test come from (see the module docstring); None means the
+    captions file itself. ``records``: sorted list of ``{"image": path relative to images,
+    "split", "captions"}``. ``report``: counts (and names) of everything skipped. Raises
+    :class:`CaptioningError` when more than ``max_bad_fraction`` of the listed images are
+    missing on disk.
     """
     captions, images = Path(captions), Path(images)
     if fmt not in FORMATS:
@@ -234,19 +258,17 @@ def load_dataset(captions, images, fmt="auto", split_ratios=(0.8, 0.1, 0.1), see
     if not images.is_dir():
         raise CaptioningError(f"{images}: image directory not found")
     fmt = detect_format(captions) if fmt == "auto" else fmt
-    splits = None
     if fmt == "karpathy":
-        rows, splits = parse_karpathy(captions)
+        rows, _ = parse_karpathy(captions)
     else:
         rows = {"flickr_token": parse_flickr_token, "flickr_csv": parse_flickr_csv,
                 "flickr30k_csv": parse_flickr30k_csv, "coco": parse_coco}[fmt](captions)
-        if fmt != "coco":
-            splits = read_split_files(captions.parent)
+    splits, split_source = load_splits(captions if splits is None else splits, captions, fmt)
     if not rows:
         raise CaptioningError(f"{captions}: no captions found")
 
     report = {"format": fmt, "empty_captions": [], "duplicate_captions": 0, "missing_images": [],
-              "not_in_split": 0, "images_without_captions": []}
+              "not_in_split": 0, "images_without_captions": [], "split_source": split_source}
     by_image: dict[str, list[str]] = {}
     for image, caption, line in rows:
         caption = " ".join(caption.split())
@@ -261,9 +283,6 @@ def load_dataset(captions, images, fmt="auto", split_ratios=(0.8, 0.1, 0.1), see
 
     if splits is None:
         splits = seeded_split(by_image, split_ratios, seed)
-        report["split_source"] = "seeded"
-    else:
-        report["split_source"] = "karpathy" if fmt == "karpathy" else "split files"
 
     records = []
     for image in sorted(by_image):

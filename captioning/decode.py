@@ -7,17 +7,22 @@ import numpy as np
 from .beam import beam_search
 
 
+NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
+
+
 def make_step_fn(model):
-    """numpy-facing step for :func:`beam_search`: state = (h, feats, keys)."""
+    """numpy-facing step for :func:`beam_search`: state = (h, feats, keys).
+
+    ``<pad>``, ``<start>`` and ``<unk>`` get log-probability -inf, so beam search can never
+    choose them (a caption of real words always beats one that says "<unk>").
+    """
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def step(tokens, h, f, keys):
         log_probs, h, _ = model.decode_step(tokens, h, f, keys)
-        # <pad>, <start> and <unk> are never generated (ids 0, 1, 3; see vocab.SPECIALS): a
-        # caption of real words always beats one that says "<unk>".
-        banned = tf.one_hot([0, 1, 3], tf.shape(log_probs)[-1], on_value=-1e9, off_value=0.0)
-        return log_probs + tf.reduce_sum(banned, axis=0), h
+        banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0)  # (V,)
+        return tf.where(banned > 0, -float("inf"), log_probs), h
 
     def step_fn(tokens, state):
         h, f, keys = state
@@ -29,18 +34,23 @@ def make_step_fn(model):
 
 def caption_features(model, vocab, features, beam_size=3, max_length=20, length_penalty=0.0,
                      batch_size=64, progress=False):
-    """Captions (strings) for ``features`` (N, L, C) by batched beam search."""
+    """``(captions, log_probs)`` for ``features`` (N, L, C) by batched beam search.
+
+    Captions have at most ``max_length`` words; ``log_probs`` are the model's log-probability
+    of each chosen caption (its words, and ``<end>`` when it ended before the limit).
+    """
     from tqdm import tqdm
 
     step_fn = make_step_fn(model)
-    captions = []
+    captions, log_probs = [], []
     for i in tqdm(range(0, len(features), batch_size), desc="captioning", unit="batch", disable=not progress):
         batch = features[i:i + batch_size]
         h, f, keys = (np.asarray(x) for x in model.encode(batch))
-        seqs, _ = beam_search(step_fn, (h, f, keys), len(batch), beam_size, max_length + 1,
-                              vocab.start_id, vocab.end_id, length_penalty)
+        seqs, _, raw = beam_search(step_fn, (h, f, keys), len(batch), beam_size, max_length,
+                                   vocab.start_id, vocab.end_id, length_penalty)
         captions.extend(vocab.decode(s) for s in seqs)
-    return captions
+        log_probs.extend(raw)
+    return captions, log_probs
 
 
 def load_captioner(model_path):

@@ -2,7 +2,9 @@
 
 PIL does the decoding because it handles what real photo folders contain: JPEG (CMYK too),
 PNG (16-bit too), GIF, grayscale, palette and alpha images. Large JPEGs are decoded at a
-reduced scale (``draft``), so a 12000x9000 photo costs little more than a small one.
+reduced scale (``draft``), so a 12000x9000 photo costs little more than a small one. Photos
+are turned upright by their EXIF orientation (phones store them sideways and set the tag),
+and transparent pixels are laid on white (as a viewer shows them), not on black.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class ImageError(Exception):
@@ -23,8 +25,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # palette or colour-key transparency becomes alpha too
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
 
@@ -39,7 +42,7 @@ def load_image(path, size: int) -> np.ndarray:
                 if img.format == "JPEG":
                     img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when big
                 img.load()
-                rgb = _to_rgb(img)
+                rgb = _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except Image.UnidentifiedImageError:

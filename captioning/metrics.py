@@ -1,4 +1,4 @@
-"""COCO caption metrics (pycocoevalcap) and the generated dataset's content accuracy.
+"""COCO caption metrics (pycocoevalcap).
 
 ``COCOEvalCap.evaluate()`` always builds SPICE, which needs Stanford CoreNLP 3.6.0 jars that
 pycocoevalcap downloads on first use. Offline that fails, so the scorers are assembled here
@@ -14,16 +14,16 @@ from pathlib import Path
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
-def spice_available(env=None):
+def spice_available(env=None, lib=None):
     """``(True, "")`` when SPICE can run, else ``(False, why)``.
 
-    SPICE looks for the CoreNLP jars in ``pycocoevalcap/spice/lib``. Put them there, or point
-    ``SPICE_CORENLP_DIR`` at a folder holding both (they are linked into place).
+    SPICE looks for the CoreNLP jars in ``lib`` (default ``pycocoevalcap/spice/lib``). Put them
+    there, or point ``SPICE_CORENLP_DIR`` at a folder holding both (they are linked into place).
     """
     import pycocoevalcap.spice as spice_pkg
 
     env = os.environ if env is None else env
-    lib = Path(spice_pkg.__file__).parent / "lib"
+    lib = Path(spice_pkg.__file__).parent / "lib" if lib is None else Path(lib)
     if all((lib / j).is_file() for j in CORENLP_JARS):
         return True, ""
     src = env.get("SPICE_CORENLP_DIR")
@@ -75,11 +75,3 @@ def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print) -
         else:
             out[names] = float(score)
     return {k: round(v, 6) for k, v in out.items()}
-
-
-def content_accuracy(hypotheses: dict, truth: dict) -> float:
-    """Share of images whose caption names every object with its correct attributes (shapes data)."""
-    from .shapes import content_correct
-
-    ids = sorted(hypotheses)
-    return round(sum(content_correct(hypotheses[i], truth[i]) for i in ids) / max(1, len(ids)), 6)

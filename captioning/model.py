@@ -10,7 +10,8 @@ attention can select by place as well as by content. With ``attention=False`` it
 drive it.
 
 Dropout is stateless and takes an explicit seed, so a training run resumed from a checkpoint
-draws exactly the same dropout masks as one that never stopped.
+draws exactly the same dropout masks as one that never stopped. Each dropout layer draws from
+its own stream split off the step's seed (:func:`dropout_seeds`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 from keras import layers
+
+
+def dropout_seeds(seed):
+    """Independent seeds ``(embedding, output)`` for the two dropout layers from one step seed.
+
+    ``stateless_split`` hashes the seed, so the streams never line up across steps (adding an
+    offset to ``[seed, step]`` would make one layer's mask equal the next step's other one).
+    """
+    return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), num=2))
 
 
 @keras.saving.register_keras_serializable(package="captioning")
@@ -95,7 +105,7 @@ class Captioner(keras.Model):
     def _logits(self, h, ctx, emb, dropout_seed=None):
         z = self.out_hidden(tf.concat([h, ctx, emb], axis=-1))
         if dropout_seed is not None and self.dropout > 0:
-            z = tf.nn.experimental.stateless_dropout(z, self.dropout, seed=dropout_seed + [0, 1])
+            z = tf.nn.experimental.stateless_dropout(z, self.dropout, seed=dropout_seed)
         return self.out_logits(z)
 
     # ---- teacher-forced training -----------------------------------------------------------
@@ -104,10 +114,13 @@ class Captioner(keras.Model):
 
         ``dropout_seed``: int32 (2,) tensor turns dropout on (training); None turns it off.
         """
+        emb_seed = out_seed = None
+        if dropout_seed is not None and self.dropout > 0:
+            emb_seed, out_seed = dropout_seeds(dropout_seed)
         h, f, keys = self.encode(features)
         emb = self.embed(tokens_in)  # (B, T, E)
-        if dropout_seed is not None and self.dropout > 0:
-            emb = tf.nn.experimental.stateless_dropout(emb, self.dropout, seed=dropout_seed)
+        if emb_seed is not None:
+            emb = tf.nn.experimental.stateless_dropout(emb, self.dropout, seed=emb_seed)
 
         def step(carry, emb_t):
             h_prev = carry[0]
@@ -118,7 +131,7 @@ class Captioner(keras.Model):
                 tf.zeros_like(f[:, :, 0]))
         hs, ctxs, alphas = tf.scan(step, tf.transpose(emb, [1, 0, 2]), initializer=init)  # time-major
         hs, ctxs, alphas = (tf.transpose(x, [1, 0, 2]) for x in (hs, ctxs, alphas))  # (B, T, .)
-        return self._logits(hs, ctxs, emb, dropout_seed), alphas
+        return self._logits(hs, ctxs, emb, out_seed), alphas
 
     def call(self, inputs, training=False):
         features, tokens_in = inputs
@@ -135,9 +148,13 @@ class Captioner(keras.Model):
 def masked_loss(logits, targets, alphas, attention_reg=0.0):
     """Mean cross-entropy over real tokens (targets > 0) plus SAT's doubly stochastic term.
 
-    The regulariser pushes every location's attention, summed over the caption, towards its
-    fair share T/L (SAT uses 1, which assumes about as many words as locations), so the
-    decoder looks at the whole image over the caption instead of fixating on one place.
+    ``alphas`` (B, T, L) are softmaxes over the L locations, so at every step the attention sums
+    to 1 and a caption's coverage (attention summed over its n real words, per location) always
+    totals n: the term cannot change how much the decoder looks, only where. It is the squared
+    distance of the coverage from the even spread n/L per location (SAT's ``(1 - sum_t alpha)^2``
+    is the case n = L), summed over locations and averaged over captions, so it pushes the
+    decoder to look at the whole image over a caption instead of fixating on one place.
+    Padded steps count for neither the cross-entropy nor the coverage.
     """
     mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)

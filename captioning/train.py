@@ -51,6 +51,16 @@ class FitSettings:
     seed: int = 0
 
 
+LOGGED = ("train_loss", "val_loss", "val_perplexity", "learning_rate")  # per-epoch curves
+
+
+def best_epoch_metrics(state) -> dict:
+    """What the saved model scored: the best epoch's row of the history (not the last epoch's),
+    with the epoch it came from and how many epochs ran."""
+    best = state["history"][state["best_epoch"] - 1]
+    return {**{k: best[k] for k in LOGGED}, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"]}
+
+
 def _fingerprint(model, settings, train, val) -> str:
     """Identity of a training trajectory. ``epochs`` and ``patience`` only decide when to stop,
     not the path, so they are left out: a run can be resumed with a longer or shorter schedule."""

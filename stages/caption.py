@@ -54,7 +54,7 @@ def main(images, model_file, config_file, vocab_file, beam_size, max_length, len
         feats = np.concatenate([forward(np.stack(arrays[i:i + 32]))[0].numpy() for i in range(0, len(arrays), 32)])
         # Round through the stored precision, so the decoder sees what it was trained on.
         feats = feats.astype(cfg.get("feature_dtype", "float32")).astype(np.float32)
-        caps = caption_features(model, voc, feats, beam_size=beam_size,
+        caps, _ = caption_features(model, voc, feats, beam_size=beam_size,
                                 max_length=max_length, length_penalty=length_penalty)
         for path, cap in zip(ok, caps):
             click.echo(json.dumps({"image": str(Path(path)), "caption": cap}) if as_json else f"{path}\t{cap}")

@@ -23,7 +23,7 @@ class Params:
 @click.option("--vocab", "vocab_file", required=True, type=click.Path(dir_okay=False), help="Vocabulary JSON.")
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features.")
 @click.option("--dataset", required=True, type=click.Path(dir_okay=False), help="Normalised dataset JSON (references).")
-@click.option("--truth", type=click.Path(dir_okay=False), help="Ground truth JSON of the generated data (content accuracy).")
+@click.option("--truth", type=click.Path(dir_okay=False), help="Ground truth JSON of the generated data (object and layout accuracy).")
 @click.option("--metrics", "metrics_out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="Predictions JSON to write.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
@@ -32,38 +32,49 @@ def main(params_file, model_file, vocab_file, features, dataset, truth, metrics_
     """Caption one split with batched beam search and score it with pycocoevalcap.
 
     BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when Stanford CoreNLP 3.6.0 is installed;
-    see README), plus content accuracy when TRUTH covers the images (the generated data).
+    see README), the mean log-probability of the chosen captions, and, when TRUTH covers the
+    images (the generated data), object and layout accuracy. Split images the features stage
+    skipped are counted, not captioned.
     """
     p = config.load_params(params_file, {"evaluate": Params})["evaluate"]
     seed_everything(config.load_seed(params_file))
     from captioning.decode import caption_features, load_captioner
     from captioning.encoder import FeatureStore
-    from captioning.metrics import coco_scores, content_accuracy
+    from captioning.metrics import coco_scores
+    from captioning.shapes import scene_accuracy
     from captioning.vocab import Vocabulary
 
     store = FeatureStore(features)
-    records = [r for r in read_json(dataset)["images"] if r["split"] == p.split and r["image"] in store.index]
+    in_split = [r for r in read_json(dataset)["images"] if r["split"] == p.split]
+    records = [r for r in in_split if r["image"] in store.index]
     if not records:
         raise CaptioningError(f"{dataset}: no images with features in the '{p.split}' split")
     model = load_captioner(model_file)
     voc = Vocabulary.from_json(read_json(vocab_file))
+    if len(voc) != model.vocab_size:
+        raise CaptioningError(f"{vocab_file}: {len(voc)} words, but {model_file} was trained with {model.vocab_size}")
     keys = [r["image"] for r in records]
-    hyps = caption_features(model, voc, store.load(keys), beam_size=p.beam_size, max_length=p.max_length,
-                            length_penalty=p.length_penalty, batch_size=p.batch_size, progress=progress)
+    hyps, log_probs = caption_features(model, voc, store.load(keys), beam_size=p.beam_size,
+                                       max_length=p.max_length, length_penalty=p.length_penalty,
+                                       batch_size=p.batch_size, progress=progress)
     refs = {r["image"]: r["captions"] for r in records}
     by_key = dict(zip(keys, hyps))
     scores = coco_scores(refs, by_key, log=click.echo)
+    scores["mean_log_prob"] = round(sum(log_probs) / len(log_probs), 6)
     if truth:
         gt = read_json(truth)
         if all(k in gt for k in keys):
-            scores["content_accuracy"] = content_accuracy(by_key, gt)
+            scores.update(scene_accuracy(by_key, gt))
         else:
-            click.echo(f"content accuracy skipped: {truth} does not describe these images")
-    scores.update(images=len(keys), split=p.split, beam_size=p.beam_size)
+            click.echo(f"object and layout accuracy skipped: {truth} does not describe these images")
+    scores.update(images=len(keys), images_without_features=len(in_split) - len(records), split=p.split,
+                  beam_size=p.beam_size, max_length=p.max_length, length_penalty=p.length_penalty)
     write_json(metrics_out, scores)
-    write_json(predictions, [{"image": k, "caption": by_key[k], "references": refs[k]} for k in keys])
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float))
-    click.echo(f"evaluate: {len(keys)} {p.split} images, beam {p.beam_size}: {shown} -> {metrics_out}")
+    write_json(predictions, [{"image": k, "caption": by_key[k], "log_prob": round(lp, 6), "references": refs[k]}
+                             for k, lp in zip(keys, log_probs)])
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float) and k != "length_penalty")
+    missing = f" ({scores['images_without_features']} without features)" if scores["images_without_features"] else ""
+    click.echo(f"evaluate: {len(keys)} {p.split} images{missing}, beam {p.beam_size}: {shown} -> {metrics_out}")
 
 
 if __name__ == "__main__":

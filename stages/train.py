@@ -66,7 +66,7 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
 
     from captioning.encoder import FeatureStore
     from captioning.model import Captioner
-    from captioning.train import FitSettings, fit
+    from captioning.train import LOGGED, FitSettings, best_epoch_metrics, fit
     from captioning.vocab import Vocabulary
 
     store = FeatureStore(features)
@@ -81,12 +81,15 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
                            clip_norm=p.clip_norm, seed=seed)
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
         def on_epoch(epoch, m):
-            for k in ("train_loss", "val_loss", "val_perplexity", "learning_rate"):
+            for k in LOGGED:
                 live.log_metric(k, m[k])
             live.next_step()
 
         state = fit(model, train_set, val_set, settings, checkpoint, on_epoch=on_epoch, progress=progress,
                     log=click.echo)
+        # metrics.json (what `dvc metrics show` prints) describes the saved model: the best
+        # epoch, logged at dvclive step best_epoch - 1; the curves keep every epoch.
+        live.summary = {**best_epoch_metrics(state), "step": state["best_epoch"] - 1}
     with atomic_path(model_out, suffix=".keras") as tmp:
         model.save(tmp)
     write_json(config_out, {"model": model.settings(), "encoder": store.spec.attrs(),

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the real VGG16 graph (at 32 px), a real GRU with attention, real HDF5 and real metrics.
 TINY_PARAMS = {
     "seed": 7,
-    "dataset": {"captions": "data/shapes/dataset_shapes.json", "images": "data/shapes/images", "format": "auto"},
+    "dataset": {"captions": "data/shapes/dataset_shapes.json", "images": "data/shapes/images",
+                "splits": "data/shapes/dataset_shapes.json", "format": "auto"},
     "generate": {"n_train": 16, "n_val": 4, "n_test": 4, "image_size": 32, "captions_per_image": 3},
     "prepare": {"split_ratios": [0.8, 0.1, 0.1], "max_bad_fraction": 0.01},
     "features": {"backbone": "vgg16", "weights": "none", "layer": "block3_pool", "image_size": 32,

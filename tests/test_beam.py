@@ -1,12 +1,14 @@
-"""Beam search against scripted step functions with exact expected outputs."""
+"""Beam search against scripted step functions with exact expected outputs, and against brute force."""
+
+import itertools
 
 import numpy as np
 import pytest
 
 from captioning.beam import beam_search
 
-START, END, A, B = 1, 2, 3, 4
-V = 5
+START, END, A, B, C, D, E, F = 1, 2, 3, 4, 5, 6, 7, 8
+V = 9
 
 
 def scripted(tables):
@@ -33,43 +35,151 @@ def scripted(tables):
 NEVER_ENDS = {START: {A: 0.5, B: 0.4, END: 0.1}, A: {A: 0.35, B: 0.34, END: 0.31}, B: {END: 0.9, A: 0.05, B: 0.05}}
 # a short caption wins on raw log-probability, a longer one after length normalisation
 SHORT_VS_LONG = {START: {A: 0.7, B: 0.3}, A: {A: 0.6, B: 0.3, END: 0.1}, B: {END: 0.8, A: 0.1, B: 0.1}}
+# Two captions finish at step 2 from the beams "a" and "b" while the open beam "a c" (0.48) is
+# better than both; stopping once beam_size captions finished returned "b" (0.36) at beam 2.
+OPEN_BEAM_WINS = {START: {A: 0.6, B: 0.4}, A: {C: 0.8, END: 0.1, D: 0.1}, B: {END: 0.9, D: 0.1}}
+# The empty caption (0.30) and "b" (0.20) finish first; greedy's "a c" (0.45) is better.
+EMPTY_LOSES = {START: {A: 0.5, END: 0.3, B: 0.2}, A: {C: 0.9, D: 0.1}, B: {END: 1.0}}
+# Plain beam 2 keeps "a" and "b", then prunes greedy's "a d" (0.144) for "b e" and "b f" (0.165
+# each), which never end: it would return a caption of probability ~1e-12. Beam 3 keeps "c".
+GREEDY_PRUNED = {START: {A: 0.36, B: 0.33, C: 0.31}, A: {D: 0.4, END: 0.3, C: 0.3}, B: {E: 0.5, F: 0.5},
+                 C: {END: 1.0}, E: {F: 1.0}, F: {E: 1.0}}
 
 
 def run(tables, beam, max_length=4, alpha=0.0):
     step_fn, calls = scripted(tables)
-    seqs, scores = beam_search(step_fn, (np.arange(len(tables)),), len(tables), beam, max_length, START, END, alpha)
-    return seqs, scores, calls
+    seqs, scores, raw = beam_search(step_fn, (np.arange(len(tables)),), len(tables), beam, max_length, START, END,
+                                    alpha)
+    return seqs, scores, raw, calls
 
 
-def test_greedy_without_end_finishes_at_max_length():
-    seqs, scores, calls = run([NEVER_ENDS], beam=1, max_length=4)
-    assert seqs == [[A, A, A, A]]
-    assert scores[0] == pytest.approx(np.log(0.5) + 3 * np.log(0.35))
-    assert calls == [1, 1, 1, 1]  # exactly max_length steps, then stops
+def test_greedy_without_end_stops_at_max_length_words():
+    seqs, scores, raw, calls = run([NEVER_ENDS], beam=1, max_length=4)
+    assert seqs == [[A, A, A, A]]  # max_length words, never more
+    # scored as the complete caption: its words and the <end> that must follow them
+    assert scores[0] == pytest.approx(np.log(0.5) + 3 * np.log(0.35) + np.log(0.31))
+    assert raw == scores
+    assert calls == [1] * 5  # max_length word steps and the closing <end>
 
 
 def test_beam_finds_the_better_short_caption():
-    seqs, scores, _ = run([NEVER_ENDS], beam=2)
+    seqs, scores, _, _ = run([NEVER_ENDS], beam=2)
     assert seqs == [[B]]
     assert scores[0] == pytest.approx(np.log(0.4 * 0.9))
 
 
+@pytest.mark.parametrize("table, best, p", [(OPEN_BEAM_WINS, [A, C], 0.48), (EMPTY_LOSES, [A, C], 0.45)])
+@pytest.mark.parametrize("beam", [1, 2, 3, 4])
+def test_an_open_beam_that_can_still_win_is_not_dropped(table, best, p, beam):
+    seqs, scores, _, _ = run([table], beam=beam)
+    assert seqs == [best] and scores[0] == pytest.approx(np.log(p))
+
+
+@pytest.mark.parametrize("beam, best, p", [(1, [A, D], 0.144), (2, [A, D], 0.144), (3, [C], 0.31)])
+def test_beam_never_ends_below_greedy(beam, best, p):
+    seqs, scores, _, _ = run([GREEDY_PRUNED], beam=beam, max_length=6)
+    assert seqs == [best] and scores[0] == pytest.approx(np.log(p))
+
+
+def test_stops_as_soon_as_no_open_beam_can_win():
+    # raw scores: "b" (0.24) finishes at step 2; the open "a a a a" (0.151) falls below it at step 4
+    seqs, scores, _, calls = run([SHORT_VS_LONG], beam=2, max_length=10)
+    assert seqs == [[B]] and scores[0] == pytest.approx(np.log(0.3 * 0.8))
+    assert calls == [3, 3, 3, 3]  # 2 beams and the greedy row
+
+
 def test_length_normalisation_changes_the_winner():
-    raw, raw_scores, calls = run([SHORT_VS_LONG], beam=2, alpha=0.0)
-    norm, norm_scores, _ = run([SHORT_VS_LONG], beam=2, alpha=1.0)
-    assert raw == [[B]] and raw_scores[0] == pytest.approx(np.log(0.3 * 0.8))
-    assert norm == [[A, B]] and norm_scores[0] == pytest.approx(np.log(0.7 * 0.3 * 0.8) / 3)
-    assert calls == [2, 2, 2]  # stops once beam_size hypotheses have finished
+    norm, norm_scores, norm_raw, calls = run([SHORT_VS_LONG], beam=2, alpha=1.0)
+    # a^k b <end> gains with k under alpha 1; the longest that fits 4 words is "a a a b"
+    assert norm == [[A, A, A, B]]
+    assert norm_raw[0] == pytest.approx(np.log(0.7 * 0.6 * 0.6 * 0.3 * 0.8))
+    assert norm_scores[0] == pytest.approx(norm_raw[0] / 5)  # 4 words and <end>
+    # the bound for alpha > 0 divides by the longest possible length: nothing stops early here
+    assert calls == [3] * 5
 
 
 def test_batched_items_do_not_mix():
-    seqs, _, _ = run([NEVER_ENDS, SHORT_VS_LONG, NEVER_ENDS], beam=2)
-    assert seqs == [[B], [B], [B]]
-    seqs, _, _ = run([SHORT_VS_LONG, NEVER_ENDS], beam=1, max_length=4)
-    # greedy on SHORT_VS_LONG: a a a a (never ends: A -> A is always best)
-    assert seqs == [[A, A, A, A], [A, A, A, A]]
+    seqs, _, _, _ = run([NEVER_ENDS, SHORT_VS_LONG, OPEN_BEAM_WINS], beam=2)
+    assert seqs == [[B], [B], [A, C]]
+    seqs, _, _, _ = run([SHORT_VS_LONG, NEVER_ENDS], beam=1, max_length=4)
+    assert seqs == [[A, A, A, A], [A, A, A, A]]  # greedy: a -> a is always the best next word
 
 
 def test_beam_larger_than_vocab_still_terminates():
-    seqs, _, _ = run([NEVER_ENDS], beam=8, max_length=3)
+    seqs, _, _, _ = run([NEVER_ENDS], beam=8, max_length=3)
     assert seqs == [[B]]
+
+
+def test_tokens_with_minus_inf_are_never_chosen():
+    def step_fn(tokens, state):
+        lp = np.log(np.full((len(tokens), V), 1.0 / (V - 3)))
+        lp[:, [0, START, A]] = -np.inf  # what make_step_fn does for <pad>, <start>, <unk>
+        return lp, state
+
+    seqs, _, _ = beam_search(step_fn, (np.zeros(3),), 3, 20, 4, START, END)
+    assert all(tok not in (0, START, A) for s in seqs for tok in s)
+
+
+# ---- exactness: beam search with enough beams is brute-force enumeration --------------------
+
+def random_model(n_tokens, seed, end=0):
+    """A step function over prefixes: every distinct prefix gets its own random distribution.
+
+    Tokens 1..n_tokens-1 are words, 0 is <end>; the state carries each row's prefix.
+    """
+    cache = {}
+
+    def dist(item, prefix):
+        key = (item, prefix)
+        if key not in cache:
+            rng = np.random.default_rng([seed, item, len(prefix), *prefix])
+            cache[key] = np.log(rng.dirichlet(np.full(n_tokens, 0.6)))
+        return cache[key]
+
+    def step_fn(tokens, state):
+        items, prefixes = state
+        first = tokens[0] < 0  # the <start> token (-1) on the first call
+        prefixes = [() if first else tuple(p) + (int(t),) for p, t in zip(prefixes, tokens)]
+        out = np.stack([dist(int(i), p) for i, p in zip(items, prefixes)])
+        holder = np.empty(len(prefixes), dtype=object)
+        holder[:] = prefixes
+        return out, (items, holder)
+
+    def brute_force(item, max_length, alpha):
+        best = (-np.inf, None, None)
+        for k in range(max_length + 1):
+            for words in itertools.product(range(1, n_tokens), repeat=k):
+                raw = sum(dist(item, words[:i])[w] for i, w in enumerate(words)) + dist(item, words)[end]
+                norm = raw / (k + 1) ** alpha if alpha else raw
+                if norm > best[0]:
+                    best = (norm, list(words), raw)
+        return best
+
+    return step_fn, brute_force
+
+
+CASES = [(v, t, alpha, seed) for seed, (v, t) in enumerate([(4, 1), (4, 3), (4, 5), (5, 2), (5, 4), (6, 3), (6, 4)])
+         for alpha in (0.0, 0.7)]
+
+
+@pytest.mark.parametrize("n_tokens, max_length, alpha, seed", CASES)
+def test_enough_beams_equal_brute_force_and_beam_never_loses_to_greedy(n_tokens, max_length, alpha, seed):
+    step_fn, brute_force = random_model(n_tokens, seed)
+    items = 2  # batched: each item its own model
+
+    def search(k):
+        holder = np.empty(items, dtype=object)
+        holder[:] = [()] * items
+        return beam_search(step_fn, (np.arange(items), holder), items, k, max_length, -1, 0, alpha)
+
+    exact = [brute_force(i, max_length, alpha) for i in range(items)]
+    seqs, scores, raw = search(n_tokens ** max_length)
+    for i in range(items):
+        assert seqs[i] == exact[i][1]
+        assert scores[i] == pytest.approx(exact[i][0], abs=1e-9) and raw[i] == pytest.approx(exact[i][2], abs=1e-9)
+
+    greedy = search(1)[1]
+    for k in (2, 3, 5):
+        got = search(k)[1]
+        assert all(g >= gr - 1e-12 for g, gr in zip(got, greedy)), (k, got, greedy)
+        assert all(g <= e[0] + 1e-12 for g, e in zip(got, exact))

@@ -30,12 +30,36 @@ def test_flickr8k_token_with_split_files(tmp_path):
     (text / "Flickr_8k.trainImages.txt").write_text("a.jpg\nb.jpg\n")
     (text / "Flickr_8k.devImages.txt").write_text("c.jpg\n")
     (text / "Flickr_8k.testImages.txt").write_text("d.jpg\n")
-    records, report = load_dataset(text / "Flickr8k.token.txt", imgs)
+    records, report = load_dataset(text / "Flickr8k.token.txt", imgs, splits=text)
     r = by_image(records)
     assert report["format"] == "flickr_token" and report["split_source"] == "split files"
     assert [r[k]["split"] for k in "a.jpg b.jpg c.jpg d.jpg".split()] == ["train", "train", "val", "test"]
     assert r["a.jpg"]["captions"][0] == "A caption number 0 ."
     assert len(r["a.jpg"]["captions"]) == 5 and report["captions"] == 20
+
+
+def test_splits_come_only_from_where_they_are_asked(tmp_path):
+    imgs = make_images(tmp_path / "Images", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(f"{n}.jpg,{n} cap\n" for n in "abcd"))
+    (tmp_path / "Flickr_8k.trainImages.txt").write_text("a.jpg\nb.jpg\nc.jpg\nd.jpg\n")
+    # split lists lying beside the captions are not read unless named: nothing reads files DVC was not told of
+    _, seeded = load_dataset(tmp_path / "captions.txt", imgs, split_ratios=(0.5, 0.5, 0.0))
+    assert seeded["split_source"] == "seeded" and seeded["splits"] == {"train": 2, "val": 2, "test": 0}
+    records, listed = load_dataset(tmp_path / "captions.txt", imgs, splits=tmp_path)
+    assert listed["split_source"] == "split files" and {r["split"] for r in records} == {"train"}
+    karpathy = tmp_path / "dataset_flickr8k.json"
+    karpathy.write_text(json.dumps({"dataset": "flickr8k", "images": [
+        {"filename": f"{n}.jpg", "split": s, "sentences": [{"raw": "x"}]} for n, s in zip("abcd", ["train", "val",
+                                                                                                   "test", "restval"])]}))
+    records, rep = load_dataset(tmp_path / "captions.txt", imgs, splits=karpathy)
+    assert rep["split_source"] == "karpathy" and [r["split"] for r in records] == ["train", "val", "test", "train"]
+    assert records[0]["captions"] == ["a cap"]  # captions still come from the captions file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CaptioningError, match="no Flickr split lists"):
+        load_dataset(tmp_path / "captions.txt", imgs, splits=empty)
+    with pytest.raises(CaptioningError, match="expected a folder of Flickr split lists"):
+        load_dataset(tmp_path / "captions.txt", imgs, splits=tmp_path / "Flickr_8k.trainImages.txt")
 
 
 def test_flickr_csv_with_quoted_commas(tmp_path):

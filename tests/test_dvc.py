@@ -25,14 +25,12 @@ def dvc(*args, cwd):
     return r.stdout
 
 
-@pytest.fixture
-def project(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def make_project(repo, params):
+    repo.mkdir(exist_ok=True)
     for name in ("captioning", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_init(repo)
     dvc("init", "-q", cwd=repo)
     shutil.copy(ROOT / ".dvcignore", repo)
@@ -42,19 +40,50 @@ def project(tmp_path):
     return repo
 
 
+@pytest.fixture
+def project(tmp_path):
+    return make_project(tmp_path / "repo", TINY_PARAMS)
+
+
+def test_editing_a_split_list_reruns_prepare(tmp_path):
+    """Flickr8k's layout: captions.txt, Images/ and the split lists in one folder."""
+    from PIL import Image
+
+    raw = tmp_path / "repo" / "raw"
+    (raw / "Images").mkdir(parents=True)
+    names = [f"im{i}.jpg" for i in range(4)]
+    for n in names:
+        Image.new("RGB", (8, 8)).save(raw / "Images" / n)
+    (raw / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a photo\n" for n in names))
+    (raw / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:3]) + "\n")
+    (raw / "Flickr_8k.devImages.txt").write_text(names[3] + "\n")
+    params = {**TINY_PARAMS, "dataset": {"captions": "raw/captions.txt", "images": "raw/Images", "splits": "raw",
+                                         "format": "flickr_csv"}}
+    repo = make_project(tmp_path / "repo", params)
+    dvc("repro", "prepare", cwd=repo)
+    assert "up to date" in dvc("status", "prepare", cwd=repo)
+    (raw / "Flickr_8k.devImages.txt").write_text(names[2] + "\n" + names[3] + "\n")
+    (raw / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:2]) + "\n")
+    status = dvc("status", "prepare", cwd=repo)
+    assert "changed deps" in status and "raw" in status
+    dvc("repro", "prepare", cwd=repo)
+    splits = [r["split"] for r in json.loads((repo / "data/prepared/dataset.json").read_text())["images"]]
+    assert splits == ["train", "train", "val", "val"]
+
+
 def test_repro_then_nothing_to_do_then_identical_forced_rerun(project):
     out = dvc("repro", cwd=project)
     for stage in ("generate", "prepare", "features", "vocab", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = (project / "reports/metrics.json").read_bytes()
     predictions = (project / "reports/predictions.json").read_bytes()
-    assert set(json.loads(metrics)) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "content_accuracy"}
+    assert set(json.loads(metrics)) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "object_accuracy", "layout_accuracy"}
 
     again = dvc("repro", cwd=project)
     assert "Running stage" not in again and "up to date" in again
 
     shown = dvc("metrics", "show", cwd=project)
-    assert "CIDEr" in shown and "content_accuracy" in shown
+    assert "CIDEr" in shown and "layout_accuracy" in shown
 
     dvc("repro", "--force", cwd=project)
     assert (project / "reports/metrics.json").read_bytes() == metrics

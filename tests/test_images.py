@@ -49,6 +49,36 @@ def test_colours_survive_conversion(make):
     assert load_image(make("l.jpg", GOOD["large.jpg"]), 8)[4, 4].tolist() == pytest.approx([0, 0, 255], abs=3)
 
 
+def test_exif_orientation_turns_the_photo_upright(make):
+    """Stored sideways (red left, blue right) with Orientation 6 = shown turned 90 degrees clockwise:
+    red on top, blue below, as any photo viewer shows it."""
+    def build(p):
+        img = Image.new("RGB", (40, 20), (255, 0, 0))
+        img.paste((0, 0, 255), (20, 0, 40, 20))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation
+        img.save(p, quality=95, exif=exif)
+
+    arr = load_image(make("phone.jpg", build), 32)
+    assert arr[3, 16].tolist() == pytest.approx([255, 0, 0], abs=12)  # top
+    assert arr[28, 16].tolist() == pytest.approx([0, 0, 255], abs=12)  # bottom
+
+
+TRANSPARENT = {
+    "clear.png": (lambda p: Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(p), [255, 255, 255]),
+    "half.png": (lambda p: Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(p), [255, 127, 127]),
+    "la.png": (lambda p: Image.new("LA", (8, 8), (0, 0)).save(p), [255, 255, 255]),
+    "keyed.gif": (lambda p: Image.new("P", (8, 8), 0).save(p, transparency=0), [255, 255, 255]),
+    "opaque.png": (lambda p: Image.new("RGBA", (8, 8), (10, 200, 30, 255)).save(p), [10, 200, 30]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPARENT))
+def test_transparency_is_laid_on_white(make, name):
+    build, colour = TRANSPARENT[name]
+    assert load_image(make(name, build), 8)[4, 4].tolist() == pytest.approx(colour, abs=1)
+
+
 BAD = {
     "zero.jpg": (lambda p: p.write_bytes(b""), "not an image"),
     "text.jpg": (lambda p: p.write_text("just some text, not a photo"), "not an image"),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from captioning.metrics import coco_scores, content_accuracy, spice_available
+from captioning.metrics import CORENLP_JARS, coco_scores, spice_available
 
 REFS = {"1": ["a small red circle", "a red circle"], "2": ["a large blue square to the left of a green circle"]}
 
@@ -31,16 +31,18 @@ def test_wrong_captions_score_lower():
         assert good[k] > bad[k], k
 
 
-def test_spice_is_reported_missing_in_one_line(tmp_path):
-    ok, why = spice_available({"SPICE_CORENLP_DIR": str(tmp_path)})
-    if not ok:  # the offline default: no CoreNLP 3.6.0 jars
-        assert why.startswith("SPICE skipped:") and "stanford-corenlp-3.6.0.jar" in why and "\n" not in why
-
-
-def test_content_accuracy():
-    truth = {"x": {"objects": [{"size": "small", "colour": "red", "shape": "circle"},
-                               {"size": "large", "colour": "blue", "shape": "square"}]}}
-    assert content_accuracy({"x": "a large blue square right of a small red circle"}, truth) == 1.0
-    assert content_accuracy({"x": "a small red circle"}, truth) == 0.0  # one object missing
-    assert content_accuracy({"x": "a small blue circle and a large blue square"}, truth) == 0.0  # wrong colour
-    assert content_accuracy({"x": "a small red circle, a large blue square and a small red circle"}, truth) == 0.0
+def test_spice_availability_in_both_worlds(tmp_path):
+    """Checked on folders made here, so it means the same whether or not this machine has the jars."""
+    lib, jars = tmp_path / "lib", tmp_path / "corenlp"
+    lib.mkdir()
+    jars.mkdir()
+    ok, why = spice_available({}, lib=lib)
+    assert not ok and why.startswith("SPICE skipped:") and "\n" not in why
+    assert "stanford-corenlp-3.6.0.jar" in why and str(lib) in why
+    ok, _ = spice_available({"SPICE_CORENLP_DIR": str(jars)}, lib=lib)  # the folder lacks the jars
+    assert not ok
+    for name in CORENLP_JARS:
+        (jars / name).write_bytes(b"PK")
+    assert spice_available({"SPICE_CORENLP_DIR": str(jars)}, lib=lib) == (True, "")
+    assert all((lib / name).resolve() == (jars / name).resolve() for name in CORENLP_JARS)  # linked into place
+    assert spice_available({}, lib=lib) == (True, "")  # found in place from now on

@@ -70,6 +70,26 @@ def test_attention_regulariser_is_zero_for_uniform_coverage():
     assert float(masked_loss(logits, targets, focused, 1.0)) == pytest.approx(np.log(11) + 9 + 1 + 1 + 1, rel=1e-5)
 
 
+def test_attention_term_with_more_locations_than_steps_and_padding():
+    """T=3 steps, L=5 locations, the second caption padded after 2 tokens: checked against numpy."""
+    rng = np.random.default_rng(1)
+    alphas = rng.dirichlet(np.ones(5), size=(2, 3)).astype("float32")  # (B, T, L), rows sum to 1
+    targets = np.array([[5, 6, 2], [7, 2, 0]])
+    logits = tf.zeros((2, 3, 11))
+    mask = (targets > 0).astype("float64")
+    coverage = (alphas * mask[:, :, None]).sum(axis=1)  # (B, L): attention summed over real words
+    share = mask.sum(axis=1, keepdims=True) / 5  # each location's fair share of the real words
+    expected = np.log(11) + 0.5 * ((share - coverage) ** 2).sum(axis=1).mean()
+    got = float(masked_loss(logits, tf.constant(targets), tf.constant(alphas), 0.5))
+    assert got == pytest.approx(expected, rel=1e-5)
+    # the softmax fixes each caption's total: coverage always sums to its number of real words
+    np.testing.assert_allclose(coverage.sum(axis=1), mask.sum(axis=1), rtol=1e-5)
+    # attention at a padded step is not counted
+    moved = alphas.copy()
+    moved[1, 2] = np.eye(5)[0]
+    assert float(masked_loss(logits, tf.constant(targets), tf.constant(moved), 0.5)) == pytest.approx(got, rel=1e-6)
+
+
 def test_blind_model_ignores_the_image():
     m = tiny(blind=True)
     a, _ = m.forward(FEATS, TOKENS[:, :-1])
@@ -85,6 +105,25 @@ def test_stateless_dropout_is_seeded():
     c, _ = m.forward(FEATS, TOKENS[:, :-1], dropout_seed=tf.constant([1, 3]))
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not np.array_equal(a.numpy(), c.numpy())
+
+
+def test_dropout_layers_draw_their_own_streams(monkeypatch):
+    """The embedding and output dropout of step s and s+1 use four different seeds (masks)."""
+    seen = []
+    real = tf.nn.experimental.stateless_dropout
+
+    def recording(x, rate, seed, **kw):
+        seen.append(tuple(np.asarray(seed).tolist()))
+        return real(x, rate, seed=seed, **kw)
+
+    monkeypatch.setattr(tf.nn.experimental, "stateless_dropout", recording)
+    m = tiny(dropout=0.5)
+    for step in (5, 6):
+        m.forward(FEATS, TOKENS[:, :-1], dropout_seed=tf.constant([1, step]))
+    assert len(seen) == 4 and len(set(seen)) == 4, seen
+    # and the masks differ, e.g. step 5's output layer against step 6's embedding layer
+    ones = tf.ones((2, 4, 5))
+    assert not np.array_equal(real(ones, 0.5, seed=seen[1]).numpy(), real(ones, 0.5, seed=seen[2]).numpy())
 
 
 @pytest.mark.parametrize("attention", [True, False])

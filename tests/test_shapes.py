@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 
 from captioning import shapes
 
@@ -36,6 +37,7 @@ def test_every_caption_names_every_object(tmp_path):
         in_reading_order = [(o["size"], o["colour"], o["shape"]) for o in gt["objects"]]
         for s in im["sentences"]:
             assert shapes.content_correct(s["raw"], gt), (s["raw"], gt)
+            assert shapes.layout_correct(s["raw"], gt), (s["raw"], gt)  # every template's relation parses
             assert shapes.OBJECT_RE.findall(s["raw"]) == in_reading_order, s["raw"]
     assert counts == {1, 2, 3}
 
@@ -49,3 +51,46 @@ def test_scene_layout_is_unambiguous():
         axis = 0 if gt["layout"] == "row" else 1
         centres = [(b[axis] + b[axis + 2]) / 2 for b in boxes]
         assert centres == sorted(centres)  # objects listed left-to-right / top-to-bottom
+
+
+RED, BLUE, GREEN = ("small", "red", "circle"), ("large", "blue", "square"), ("small", "green", "diamond")
+
+
+def scene(layout, *objs):
+    return {"layout": layout, "objects": [dict(zip(("size", "colour", "shape"), o)) for o in objs]}
+
+
+ROW = scene("row", RED, BLUE)  # red circle left, blue square right
+COL = scene("col", RED, BLUE)  # red circle above, blue square below
+ROW3 = scene("row", RED, BLUE, GREEN)
+
+
+@pytest.mark.parametrize("truth, caption, objects, layout", [
+    (ROW, "a small red circle to the left of a large blue square", True, True),
+    (ROW, "a large blue square to the right of a small red circle", True, True),
+    (ROW, "to the right of a small red circle is a large blue square", True, True),
+    (ROW, "there is a small red circle and a large blue square to its right", True, True),
+    (ROW, "a small red circle and a large blue square", True, True),
+    (ROW, "a large blue square and a small red circle", True, False),  # named against reading order
+    (ROW, "a large blue square to the left of a small red circle", True, False),
+    (ROW, "a small red circle above a large blue square", True, False),  # a column relation in a row
+    (ROW, "a large blue square above a small red circle", True, False),  # the example
+    (ROW, "a small red circle", False, False),
+    (ROW, "a small blue circle to the left of a large blue square", False, False),
+    (COL, "a small red circle above a large blue square", True, True),
+    (COL, "below a small red circle is a large blue square", True, True),
+    (COL, "there is a small red circle and a large blue square beneath it", True, True),
+    (COL, "a large blue square below a small red circle", True, True),
+    (COL, "a small red circle on top of a large blue square on a gray background", True, True),
+    (COL, "a large blue square above a small red circle", True, False),
+    (COL, "a small red circle to the left of a large blue square", True, False),
+    (ROW3, "from left to right a small red circle, a large blue square and a small green diamond", True, True),
+    (ROW3, "a small red circle, a small green diamond and a large blue square", True, False),
+    (ROW3, "a small red circle, a large blue square and a small green diamond in a column", True, False),
+    (scene("col", RED), "a small red circle on a white background", True, True),
+])
+def test_object_and_layout_accuracy_on_hand_written_captions(truth, caption, objects, layout):
+    assert shapes.content_correct(caption, truth) is objects
+    assert shapes.layout_correct(caption, truth) is layout
+    assert shapes.scene_accuracy({"x": caption}, {"x": truth}) == {"object_accuracy": float(objects),
+                                                                   "layout_accuracy": float(layout)}

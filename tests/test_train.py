@@ -12,7 +12,7 @@ import pytest
 
 from captioning.errors import CaptioningError
 from captioning.model import Captioner
-from captioning.train import CaptionSet, FitSettings, fit
+from captioning.train import CaptionSet, FitSettings, best_epoch_metrics, fit
 
 
 def toy_sets(seed=0):
@@ -50,6 +50,37 @@ def test_fit_learns_and_keeps_best_weights(tmp_path):
     assert losses[-1] < losses[0] * 0.5
     assert round(state["best_val_loss"], 6) == min(losses) and state["best_epoch"] == 6
     assert [h["learning_rate"] for h in state["history"]] == [float(f"{0.05 * 0.9 ** e:.6g}") for e in range(6)]
+
+
+def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
+    """Val captions name the *next* colour: val loss first falls (the caption's frame is learned),
+    then rises as the train mapping is learned, until patience stops the run."""
+    train, val = toy_sets()
+    val = CaptionSet(val.features, np.array([[1, 4, 5 + (t[2] - 4) % 3, 2] for t in val.tokens], "int32"),
+                     val.image_rows)
+    settings = FitSettings(batch_size=8, learning_rate=0.05, epochs=12, patience=2, seed=3)
+    m = make_model()
+    weights_after = {}
+    state = fit(m, train, val, settings, tmp_path / "ckpt", progress=False, log=lambda s: None,
+                on_epoch=lambda e, _: weights_after.__setitem__(e, [w.numpy() for w in m.weights]))
+    losses = [h["val_loss"] for h in state["history"]]
+    best = state["best_epoch"]
+    assert state["epoch"] == best + settings.patience < settings.epochs  # stopped by patience
+    assert losses[best - 1] == min(losses) and losses[-1] > losses[best - 1]
+    summary = best_epoch_metrics(state)
+    assert summary["val_loss"] == losses[best - 1] and summary["best_epoch"] == best
+    assert summary["epochs_run"] == state["epoch"]
+
+    # The weights left in the model are those a run stopped at the best epoch ends with.
+    at_best = make_model()
+    fit(at_best, train, val, FitSettings(**{**settings.__dict__, "epochs": best}), tmp_path / "b", progress=False,
+        log=lambda s: None)
+    for a, b in zip(m.weights, at_best.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    # ... which are the best epoch's, not the last epoch's
+    for a, b in zip(m.weights, weights_after[best]):
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert not all(np.allclose(a.numpy(), b) for a, b in zip(m.weights, weights_after[state["epoch"]]))
 
 
 def test_same_seed_same_weights(tmp_path):
