@@ -146,3 +146,23 @@ def test_attention_knows_where_each_location_is():
     m.feat_pos.set_weights([np.zeros((4, 6), "float32")])  # take the embedding away
     _, alphas = m.forward(same, TOKENS[:1, :3])
     np.testing.assert_allclose(alphas.numpy(), 0.25, rtol=1e-5)
+
+
+def test_pad_start_and_unk_are_never_generated():
+    """Even a model that prefers them: their log-probability is -inf, so no beam takes them."""
+    from captioning.beam import beam_search
+    from captioning.decode import NEVER_GENERATED, make_step_fn
+
+    m = tiny()
+    kernel, bias = m.out_logits.get_weights()
+    bias[list(NEVER_GENERATED)] = 50.0  # <pad>, <start>, <unk> dominate the softmax
+    m.out_logits.set_weights([kernel, bias])
+    step_fn = make_step_fn(m)
+    state = tuple(np.asarray(x) for x in m.encode(FEATS))
+    log_probs, _ = step_fn(np.array([1, 1]), state)
+    assert np.isneginf(log_probs[:, list(NEVER_GENERATED)]).all()
+    assert np.isfinite(np.delete(log_probs, list(NEVER_GENERATED), axis=1)).all()
+    for beam in (1, 3, 11):  # 11 beams: more than the 8 tokens that may be generated
+        seqs, scores, _ = beam_search(step_fn, state, 2, beam, 5, 1, 2)
+        assert all(t not in NEVER_GENERATED for s in seqs for t in s) and np.isfinite(scores).all()
+        assert all(len(s) <= 5 for s in seqs)
