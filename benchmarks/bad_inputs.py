@@ -22,9 +22,20 @@ from PIL import Image  # noqa: E402
 
 from stages import features, prepare  # noqa: E402
 
-PARAMS = {"seed": 1, "prepare": {"split_ratios": [0.5, 0.25, 0.25], "max_bad_fraction": 0.2},
-          "features": {"backbone": "vgg16", "weights": "none", "layer": "block1_pool", "image_size": 32,
-                       "alpha": 1.0, "batch_size": 4, "dtype": "float16", "max_bad_fraction": 0.2}}
+PARAMS = {
+    "seed": 1,
+    "prepare": {"split_ratios": [0.5, 0.25, 0.25], "max_bad_fraction": 0.2},
+    "features": {
+        "backbone": "vgg16",
+        "weights": "none",
+        "layer": "block1_pool",
+        "image_size": 32,
+        "alpha": 1.0,
+        "batch_size": 4,
+        "dtype": "float16",
+        "max_bad_fraction": 0.2,
+    },
+}
 
 
 def jpeg(size=(40, 30)):
@@ -68,8 +79,23 @@ def run(cmd, args):
 
 
 def stage_prepare(root, captions, fmt="auto"):
-    return run(prepare, ["--params", root / "params.yaml", "--captions", captions, "--images", root / "img",
-                         "--format", fmt, "--out", root / "ds.json", "--report", root / "prep.json"])
+    return run(
+        prepare,
+        [
+            "--params",
+            root / "params.yaml",
+            "--captions",
+            captions,
+            "--images",
+            root / "img",
+            "--format",
+            fmt,
+            "--out",
+            root / "ds.json",
+            "--report",
+            root / "prep.json",
+        ],
+    )
 
 
 def case_image(root, name, build):
@@ -80,8 +106,22 @@ def case_image(root, name, build):
     code, line = stage_prepare(root, root / "c.csv")
     if code:
         return code, line
-    code, line = run(features, ["--params", root / "params.yaml", "--dataset", root / "ds.json", "--images", root / "img",
-                                "--out", root / "f.h5", "--report", root / "feat.json", "--no-progress"])
+    code, line = run(
+        features,
+        [
+            "--params",
+            root / "params.yaml",
+            "--dataset",
+            root / "ds.json",
+            "--images",
+            root / "img",
+            "--out",
+            root / "f.h5",
+            "--report",
+            root / "feat.json",
+            "--no-progress",
+        ],
+    )
     if code:
         return code, line
     rep = json.loads((root / "feat.json").read_text())
@@ -98,9 +138,11 @@ def case_captions(root, text):
     if code:
         return code, line
     r = json.loads((root / "prep.json").read_text())
-    return code, (f"{r['images']} images kept; missing {len(r['missing_images'])}, empty captions"
-                  f" {len(r['empty_captions'])}, duplicates {r['duplicate_captions']}, unlisted image files"
-                  f" {r['image_files_without_captions']}")
+    return code, (
+        f"{r['images']} images kept; missing {len(r['missing_images'])}, empty captions"
+        f" {len(r['empty_captions'])}, duplicates {r['duplicate_captions']}, unlisted image files"
+        f" {r['image_files_without_captions']}"
+    )
 
 
 def raw_cases(root):
@@ -119,12 +161,18 @@ def raw_cases(root):
     f = root / "captions_train2014.json"
     f.write_text(json.dumps({"images": [{"id": 1, "file_name": keys[0]}]}))
     out["COCO JSON missing annotations"] = stage_prepare(root, f, "coco")
-    f.write_text(json.dumps({"images": [{"id": 1, "file_name": keys[0]}],
-                             "annotations": [{"id": 5, "image_id": 7, "caption": "x"}]}))
+    f.write_text(
+        json.dumps(
+            {"images": [{"id": 1, "file_name": keys[0]}], "annotations": [{"id": 5, "image_id": 7, "caption": "x"}]}
+        )
+    )
     out["COCO annotation with unknown image id"] = stage_prepare(root, f, "coco")
     f = root / "dataset_flickr8k.json"
-    f.write_text(json.dumps({"dataset": "flickr8k", "images": [{"filename": keys[0], "split": "training",
-                                                                 "sentences": [{"raw": "x"}]}]}))
+    f.write_text(
+        json.dumps(
+            {"dataset": "flickr8k", "images": [{"filename": keys[0], "split": "training", "sentences": [{"raw": "x"}]}]}
+        )
+    )
     out["unknown split name (Karpathy)"] = stage_prepare(root, f, "karpathy")
     return out
 

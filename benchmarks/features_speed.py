@@ -40,9 +40,11 @@ def main(image_dir, backbone, weights, layer, alpha, image_size, batch_size, lim
         forward(batch)[0].numpy()
         n += 1
     fwd = n * batch_size / (time.perf_counter() - t0)
-    print(f"{backbone} (alpha {alpha}, {weights}) {image_size}px batch {batch_size}, {len(keys)} images,"
-          f" {os.cpu_count()} CPUs: end to end {rep['images_per_second']:.1f} img/s,"
-          f" forward only {fwd:.1f} img/s ({rep['images_per_second'] / fwd:.0%} of forward)")
+    print(
+        f"{backbone} (alpha {alpha}, {weights}) {image_size}px batch {batch_size}, {len(keys)} images,"
+        f" {os.cpu_count()} CPUs: end to end {rep['images_per_second']:.1f} img/s,"
+        f" forward only {fwd:.1f} img/s ({rep['images_per_second'] / fwd:.0%} of forward)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 
 def normalised(score, length, alpha):
     """Length-normalised score: ``score / length**alpha`` (alpha 0 = raw log-probability)."""
-    return score / (length ** alpha) if alpha else score
+    return score / (length**alpha) if alpha else score
 
 
 def _open_bound(scores, max_length, alpha):

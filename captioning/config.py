@@ -69,9 +69,7 @@ def from_dict(cls, data, section: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise CaptioningError(
-            f"{section}.{unknown[0]}: unknown setting (known: {', '.join(sorted(fields))})"
-        )
+        raise CaptioningError(f"{section}.{unknown[0]}: unknown setting (known: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     values = {k: _check(f"{section}.{k}", v, hints[k], fields[k].metadata) for k, v in data.items()}
     obj = cls(**values)

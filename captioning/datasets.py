@@ -13,9 +13,11 @@ Supported layouts (``fmt``):
 Splits come from where ``splits`` says, and from nothing else (so a pipeline that declares
 that path as an input sees every file this module reads): a folder of Flickr split lists
 (``Flickr_8k.trainImages.txt`` / ``devImages`` / ``testImages``), a Karpathy split JSON, or
-the captions file itself, which means its own split (Karpathy JSON) or a seeded random split. Problems that make the file unreadable raise
-:class:`CaptioningError` naming the file and line; problems a user wants skipped
-(missing image files, empty captions, duplicates) are counted in the report.
+the captions file itself, which means its own split (Karpathy JSON) or a seeded random split.
+
+Problems that make the file unreadable raise :class:`CaptioningError` naming the file and
+line; problems a user wants skipped (missing image files, empty captions, duplicates) are
+counted in the report.
 """
 
 from __future__ import annotations
@@ -229,8 +231,9 @@ def load_splits(source, captions, fmt):
     if source.is_dir():
         found = read_split_files(source)
         if not found:
-            raise CaptioningError(f"{source}: no Flickr split lists (Flickr_*.trainImages.txt, devImages,"
-                                  " testImages) in this folder")
+            raise CaptioningError(
+                f"{source}: no Flickr split lists (Flickr_*.trainImages.txt, devImages, testImages) in this folder"
+            )
         return found, "split files"
     if not source.is_file():
         raise CaptioningError(f"{source}: split source not found")
@@ -238,12 +241,14 @@ def load_splits(source, captions, fmt):
         return (parse_karpathy(captions)[1], "karpathy") if fmt == "karpathy" else (None, "seeded")
     if source.suffix == ".json" and detect_format(source) == "karpathy":
         return parse_karpathy(source)[1], "karpathy"
-    raise CaptioningError(f"{source}: expected a folder of Flickr split lists, a Karpathy split JSON,"
-                          " or the captions file itself")
+    raise CaptioningError(
+        f"{source}: expected a folder of Flickr split lists, a Karpathy split JSON, or the captions file itself"
+    )
 
 
-def load_dataset(captions, images, fmt="auto", splits=None, split_ratios=(0.8, 0.1, 0.1), seed=0,
-                 max_bad_fraction=0.01):
+def load_dataset(
+    captions, images, fmt="auto", splits=None, split_ratios=(0.8, 0.1, 0.1), seed=0, max_bad_fraction=0.01
+):
     """Parse a dataset and return ``(records, report)``.
 
     ``splits``: where train/val/test come from (see the module docstring); None means the
@@ -261,14 +266,25 @@ def load_dataset(captions, images, fmt="auto", splits=None, split_ratios=(0.8, 0
     if fmt == "karpathy":
         rows, _ = parse_karpathy(captions)
     else:
-        rows = {"flickr_token": parse_flickr_token, "flickr_csv": parse_flickr_csv,
-                "flickr30k_csv": parse_flickr30k_csv, "coco": parse_coco}[fmt](captions)
+        rows = {
+            "flickr_token": parse_flickr_token,
+            "flickr_csv": parse_flickr_csv,
+            "flickr30k_csv": parse_flickr30k_csv,
+            "coco": parse_coco,
+        }[fmt](captions)
     splits, split_source = load_splits(captions if splits is None else splits, captions, fmt)
     if not rows:
         raise CaptioningError(f"{captions}: no captions found")
 
-    report = {"format": fmt, "empty_captions": [], "duplicate_captions": 0, "missing_images": [],
-              "not_in_split": 0, "images_without_captions": [], "split_source": split_source}
+    report = {
+        "format": fmt,
+        "empty_captions": [],
+        "duplicate_captions": 0,
+        "missing_images": [],
+        "not_in_split": 0,
+        "images_without_captions": [],
+        "split_source": split_source,
+    }
     by_image: dict[str, list[str]] = {}
     for image, caption, line in rows:
         caption = " ".join(caption.split())

@@ -6,7 +6,6 @@ import numpy as np
 
 from .beam import beam_search
 
-
 NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
 
 
@@ -32,8 +31,9 @@ def make_step_fn(model):
     return step_fn
 
 
-def caption_features(model, vocab, features, beam_size=3, max_length=20, length_penalty=0.0,
-                     batch_size=64, progress=False):
+def caption_features(
+    model, vocab, features, beam_size=3, max_length=20, length_penalty=0.0, batch_size=64, progress=False
+):
     """``(captions, log_probs)`` for ``features`` (N, L, C) by batched beam search.
 
     Captions have at most ``max_length`` words; ``log_probs`` are the model's log-probability
@@ -44,10 +44,11 @@ def caption_features(model, vocab, features, beam_size=3, max_length=20, length_
     step_fn = make_step_fn(model)
     captions, log_probs = [], []
     for i in tqdm(range(0, len(features), batch_size), desc="captioning", unit="batch", disable=not progress):
-        batch = features[i:i + batch_size]
+        batch = features[i : i + batch_size]
         h, f, keys = (np.asarray(x) for x in model.encode(batch))
-        seqs, _, raw = beam_search(step_fn, (h, f, keys), len(batch), beam_size, max_length,
-                                   vocab.start_id, vocab.end_id, length_penalty)
+        seqs, _, raw = beam_search(
+            step_fn, (h, f, keys), len(batch), beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty
+        )
         captions.extend(vocab.decode(s) for s in seqs)
         log_probs.extend(raw)
     return captions, log_probs

@@ -20,7 +20,6 @@ import hashlib
 import http.client
 import os
 import shutil
-import socket
 import tarfile
 import time
 import urllib.error
@@ -62,40 +61,84 @@ _COCO = "http://images.cocodataset.org/"
 _KARPATHY = Remote("https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip")
 # Settings for real photos: ImageNet VGG16 at its native 224 px (block5_conv3, 14x14x512),
 # words seen 5 times, early stopping and scores on the validation split.
-_REAL = {"features.backbone": "vgg16", "features.weights": "imagenet", "features.layer": "block5_conv3",
-         "features.image_size": 224, "vocab.min_count": 5, "train.embed_dim": 256, "train.units": 512,
-         "train.attention_units": 256, "train.attention_reg": 0.01, "train.batch_size": 128,
-         "train.learning_rate": 0.001, "train.lr_decay": 1.0, "evaluate.beam_size": 5}
+_REAL = {
+    "features.backbone": "vgg16",
+    "features.weights": "imagenet",
+    "features.layer": "block5_conv3",
+    "features.image_size": 224,
+    "vocab.min_count": 5,
+    "train.embed_dim": 256,
+    "train.units": 512,
+    "train.attention_units": 256,
+    "train.attention_reg": 0.01,
+    "train.batch_size": 128,
+    "train.learning_rate": 0.001,
+    "train.lr_decay": 1.0,
+    "evaluate.beam_size": 5,
+}
 
 # Sizes: the Content-Length the publisher's server sends (the same figure in many public
 # download logs). No publisher here publishes SHA-256 digests, so none is given: never invented.
 DATASETS = {
     "flickr8k": Dataset(
         files=(Remote(_FLICKR8K + "Flickr8k_Dataset.zip"), Remote(_FLICKR8K + "Flickr8k_text.zip")),
-        params={**_REAL, "dataset.captions": "{out}/Flickr8k.token.txt", "dataset.images": "{out}/Flicker8k_Dataset",
-                "dataset.splits": "{out}", "dataset.format": "flickr_token", "evaluate.split": "test"}),
+        params={
+            **_REAL,
+            "dataset.captions": "{out}/Flickr8k.token.txt",
+            "dataset.images": "{out}/Flicker8k_Dataset",
+            "dataset.splits": "{out}",
+            "dataset.format": "flickr_token",
+            "evaluate.split": "test",
+        },
+    ),
     "flickr30k": Dataset(
         files=(_KARPATHY,),
-        params={**_REAL, "dataset.captions": "{out}/dataset_flickr30k.json", "dataset.images": "{out}/flickr30k-images",
-                "dataset.splits": "{out}/dataset_flickr30k.json", "dataset.format": "karpathy",
-                "evaluate.split": "test"},
+        params={
+            **_REAL,
+            "dataset.captions": "{out}/dataset_flickr30k.json",
+            "dataset.images": "{out}/flickr30k-images",
+            "dataset.splits": "{out}/dataset_flickr30k.json",
+            "dataset.format": "karpathy",
+            "evaluate.split": "test",
+        },
         manual="The Flickr30k photos are handed out by their publisher on request only "
-               "(https://shannon.cs.illinois.edu/DenotationGraph/). Unpack flickr30k-images.tar into {out}; "
-               "this command fetches the Karpathy split with the captions."),
+        "(https://shannon.cs.illinois.edu/DenotationGraph/). Unpack flickr30k-images.tar into {out}; "
+        "this command fetches the Karpathy split with the captions.",
+    ),
     "coco2014": Dataset(
-        files=(Remote(_COCO + "zips/train2014.zip", 13510573713), Remote(_COCO + "zips/val2014.zip", 6645013297),
-               Remote(_COCO + "annotations/annotations_trainval2014.zip", 252872794), _KARPATHY),
+        files=(
+            Remote(_COCO + "zips/train2014.zip", 13510573713),
+            Remote(_COCO + "zips/val2014.zip", 6645013297),
+            Remote(_COCO + "annotations/annotations_trainval2014.zip", 252872794),
+            _KARPATHY,
+        ),
         # Karpathy's dataset_coco.json names images as train2014/... and val2014/...
-        params={**_REAL, "dataset.captions": "{out}/dataset_coco.json", "dataset.images": "{out}",
-                "dataset.splits": "{out}/dataset_coco.json", "dataset.format": "karpathy", "evaluate.split": "test"}),
+        params={
+            **_REAL,
+            "dataset.captions": "{out}/dataset_coco.json",
+            "dataset.images": "{out}",
+            "dataset.splits": "{out}/dataset_coco.json",
+            "dataset.format": "karpathy",
+            "evaluate.split": "test",
+        },
+    ),
     "coco2017": Dataset(
-        files=(Remote(_COCO + "zips/train2017.zip", 19336861798), Remote(_COCO + "zips/val2017.zip", 815585330),
-               Remote(_COCO + "annotations/annotations_trainval2017.zip", 252907541)),
+        files=(
+            Remote(_COCO + "zips/train2017.zip", 19336861798),
+            Remote(_COCO + "zips/val2017.zip", 815585330),
+            Remote(_COCO + "annotations/annotations_trainval2017.zip", 252907541),
+        ),
         # The Karpathy split is defined on the 2014 names; with 2017 the train set is split by
         # seed and val2017 stays held out (use coco2014 for numbers comparable with papers).
-        params={**_REAL, "dataset.captions": "{out}/annotations/captions_train2017.json",
-                "dataset.images": "{out}/train2017", "dataset.splits": "{out}/annotations/captions_train2017.json",
-                "dataset.format": "coco", "evaluate.split": "val"}),
+        params={
+            **_REAL,
+            "dataset.captions": "{out}/annotations/captions_train2017.json",
+            "dataset.images": "{out}/train2017",
+            "dataset.splits": "{out}/annotations/captions_train2017.json",
+            "dataset.format": "coco",
+            "evaluate.split": "val",
+        },
+    ),
     "karpathy": Dataset(files=(_KARPATHY,), params={}),
 }
 
@@ -107,6 +150,7 @@ def dvc_command(dataset: Dataset, out) -> str:
 
 
 # ---- downloading ---------------------------------------------------------------------------
+
 
 def _sha256(path) -> str:
     h = hashlib.sha256()
@@ -144,11 +188,13 @@ def _get(url, part: Path, expected_size, timeout, progress):
             return  # asked past the end of a file that is already whole
         if e.code == 429 or e.code >= 500:
             raise _Transient(f"HTTP {e.code} {e.reason}") from None
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}: the file is not there (moved or withdrawn?);"
-                            " check the URL in captioning/download.py") from None
+        raise DownloadError(
+            f"{url}: HTTP {e.code} {e.reason}: the file is not there (moved or withdrawn?);"
+            " check the URL in captioning/download.py"
+        ) from None
     except urllib.error.URLError as e:
         raise _Transient(f"cannot reach {urllib.parse.urlsplit(url).netloc}: {e.reason}") from None
-    except (TimeoutError, socket.timeout, ConnectionError) as e:
+    except (TimeoutError, ConnectionError) as e:
         raise _Transient(str(e) or type(e).__name__) from None
     with resp:
         if have and resp.status != 206:  # the server ignored Range: start again from byte 0
@@ -158,16 +204,28 @@ def _get(url, part: Path, expected_size, timeout, progress):
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         if expected_size is not None and total is not None and total != expected_size:
-            raise DownloadError(f"{url}: the server offers {total} bytes, the table expects {expected_size}:"
-                                " the file changed upstream; check captioning/download.py")
+            raise DownloadError(
+                f"{url}: the server offers {total} bytes, the table expects {expected_size}:"
+                " the file changed upstream; check captioning/download.py"
+            )
         try:
-            with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=part.name[:-5], disable=not progress, leave=False) as bar:
+            with (
+                open(part, "ab" if have else "wb") as f,
+                tqdm(
+                    total=total,
+                    initial=have,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name[:-5],
+                    disable=not progress,
+                    leave=False,
+                ) as bar,
+            ):
                 while True:
                     try:
                         block = resp.read(CHUNK)
-                    except (http.client.IncompleteRead, ConnectionError, TimeoutError, socket.timeout) as e:
+                    except (http.client.IncompleteRead, ConnectionError, TimeoutError) as e:
                         raise _Transient(f"connection dropped after {f.tell()} bytes ({type(e).__name__})") from None
                     if not block:
                         break
@@ -175,8 +233,10 @@ def _get(url, part: Path, expected_size, timeout, progress):
                     bar.update(len(block))
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise DownloadError(f"{part}: disk full after {part.stat().st_size} bytes"
-                                    f"{f' of {total}' if total else ''}; free space and rerun (it resumes)") from None
+                raise DownloadError(
+                    f"{part}: disk full after {part.stat().st_size} bytes"
+                    f"{f' of {total}' if total else ''}; free space and rerun (it resumes)"
+                ) from None
             raise
         if total is not None and part.stat().st_size < total:
             raise _Transient(f"connection closed after {part.stat().st_size} of {total} bytes")
@@ -202,23 +262,28 @@ def fetch(remote: Remote, dest, retries=5, backoff=2.0, timeout=60, progress=Tru
         except _Transient as e:
             last = e
             if attempt < retries:
-                wait = backoff * 2 ** attempt
+                wait = backoff * 2**attempt
                 log(f"{dest.name}: {e}; retrying in {wait:.0f}s ({attempt + 1}/{retries})")
                 sleep(wait)
     else:
         have = part.stat().st_size if part.exists() else 0
-        raise DownloadError(f"{remote.url}: failed {retries + 1} times, last: {last}. No network? "
-                            f"Rerun to resume ({have} bytes kept in {part})")
+        raise DownloadError(
+            f"{remote.url}: failed {retries + 1} times, last: {last}. No network? "
+            f"Rerun to resume ({have} bytes kept in {part})"
+        )
     problem = _verify(part, remote, remote.url)
     if problem:
         part.unlink()
-        raise DownloadError(f"{dest}: downloaded file has {problem}: corrupted in transit or changed upstream;"
-                            " it was deleted, rerun to download it again")
+        raise DownloadError(
+            f"{dest}: downloaded file has {problem}: corrupted in transit or changed upstream;"
+            " it was deleted, rerun to download it again"
+        )
     os.replace(part, dest)
     return dest
 
 
 # ---- unpacking -----------------------------------------------------------------------------
+
 
 def _safe_name(name: str, archive) -> PurePosixPath | None:
     """The member's relative path, None to skip it, or an error if it would escape the target."""
@@ -280,8 +345,10 @@ def unpack(archive, target) -> bool:
         elif tarfile.is_tarfile(archive):
             _extract_tar(archive, tmp)
         else:
-            raise DownloadError(f"{archive}: neither a zip nor a tar archive (truncated or corrupt?);"
-                                " delete it and rerun to download it again")
+            raise DownloadError(
+                f"{archive}: neither a zip nor a tar archive (truncated or corrupt?);"
+                " delete it and rerun to download it again"
+            )
         for entry in sorted(tmp.iterdir()):  # move the finished tree into place
             dest = target / entry.name
             if dest.is_dir() and not dest.is_symlink():
@@ -299,8 +366,9 @@ def unpack(archive, target) -> bool:
     return True
 
 
-def fetch_dataset(dataset: Dataset, out, keep_archives=False, progress=True, sleep=time.sleep, log=print,
-                  retries=5, backoff=2.0):
+def fetch_dataset(
+    dataset: Dataset, out, keep_archives=False, progress=True, sleep=time.sleep, log=print, retries=5, backoff=2.0
+):
     """Download, verify and unpack every file of ``dataset`` into ``out``. Idempotent.
 
     Returns ``{"downloaded": [...], "unpacked": [...], "kept": [...]}`` (file names).

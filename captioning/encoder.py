@@ -139,8 +139,18 @@ def _fingerprint(spec: EncoderSpec, keys, batch_size, dtype) -> str:
     return h.hexdigest()
 
 
-def extract_features(spec: EncoderSpec, image_dir, keys, out, batch_size=32, dtype="float16",
-                     chunk_batches=8, max_bad_fraction=0.01, progress=True, on_chunk=None):
+def extract_features(
+    spec: EncoderSpec,
+    image_dir,
+    keys,
+    out,
+    batch_size=32,
+    dtype="float16",
+    chunk_batches=8,
+    max_bad_fraction=0.01,
+    progress=True,
+    on_chunk=None,
+):
     """Encode every image in ``keys`` (paths under ``image_dir``) into the HDF5 file ``out``.
 
     Work is saved in chunks of ``chunk_batches`` batches under ``<out>.partial/``; a rerun with
@@ -178,12 +188,13 @@ def extract_features(spec: EncoderSpec, image_dir, keys, out, batch_size=32, dty
         forward = make_forward(model, preprocess)
         # One pipeline over the remaining chunks (they start on batch boundaries, so the
         # batches are the same as in an uninterrupted run).
-        todo_keys = [k for c in todo for k in keys[c * chunk:(c + 1) * chunk]]
+        todo_keys = [k for c in todo for k in keys[c * chunk : (c + 1) * chunk]]
         batches = iter(_image_batches([Path(image_dir) / k for k in todo_keys], spec.image_size, batch_size))
-        bar = tqdm(total=len(keys), initial=len(keys) - len(todo_keys), unit="img",
-                   desc="features", disable=not progress)
+        bar = tqdm(
+            total=len(keys), initial=len(keys) - len(todo_keys), unit="img", desc="features", disable=not progress
+        )
         for c in todo:
-            ck = keys[c * chunk:(c + 1) * chunk]
+            ck = keys[c * chunk : (c + 1) * chunk]
             spatial, pooled, oks, errs = [], [], [], []
             for _ in range((len(ck) + batch_size - 1) // batch_size):
                 images, ok, err = next(batches)
@@ -193,8 +204,14 @@ def extract_features(spec: EncoderSpec, image_dir, keys, out, batch_size=32, dty
                 oks.append(ok.numpy())
                 errs.extend(e.decode() for e in err.numpy())
                 bar.update(len(ok))
-            _write_chunk(partial / f"chunk-{c:05d}.h5", ck, np.concatenate(spatial),
-                         np.concatenate(pooled), np.concatenate(oks), errs)
+            _write_chunk(
+                partial / f"chunk-{c:05d}.h5",
+                ck,
+                np.concatenate(spatial),
+                np.concatenate(pooled),
+                np.concatenate(oks),
+                errs,
+            )
             n_new += len(ck)
             if on_chunk:
                 on_chunk(c)
@@ -203,19 +220,22 @@ def extract_features(spec: EncoderSpec, image_dir, keys, out, batch_size=32, dty
 
     report = _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, len(keys))
     shutil.rmtree(partial)
-    report.update(resumed_images=len(keys) - n_new, encoded_images=n_new, seconds=round(elapsed, 2),
-                  images_per_second=round(n_new / elapsed, 2) if n_new and elapsed > 0 else None)
+    report.update(
+        resumed_images=len(keys) - n_new,
+        encoded_images=n_new,
+        seconds=round(elapsed, 2),
+        images_per_second=round(n_new / elapsed, 2) if n_new and elapsed > 0 else None,
+    )
     return report
 
 
 def _write_chunk(path, keys, spatial, pooled, ok, errors):
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f["spatial"] = spatial
-            f["pooled"] = pooled
-            f["ok"] = ok
-            f["images"] = np.array(keys, dtype=h5py.string_dtype())
-            f["errors"] = np.array(errors, dtype=h5py.string_dtype())
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f["spatial"] = spatial
+        f["pooled"] = pooled
+        f["ok"] = ok
+        f["images"] = np.array(keys, dtype=h5py.string_dtype())
+        f["errors"] = np.array(errors, dtype=h5py.string_dtype())
 
 
 def _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, n_total):
@@ -237,19 +257,22 @@ def _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, n_total):
     spatial = np.concatenate([p[0] for p in parts])
     pooled = np.concatenate([p[1] for p in parts])
     keys = np.concatenate([p[2] for p in parts])
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("spatial", data=spatial, chunks=(1,) + spatial.shape[1:])
-            f.create_dataset("pooled", data=pooled)
-            f.create_dataset("images", data=keys.astype(object), dtype=h5py.string_dtype())
-            for k, v in spec.attrs().items():
-                f.attrs[k] = v
-            side = int(round(np.sqrt(spatial.shape[1])))
-            f.attrs["grid"] = (side, spatial.shape[1] // side)
-            f.attrs["feature_dim"] = spatial.shape[2]
-            f.attrs["dtype"] = str(spatial.dtype)
-    return {"images": int(len(keys)), "skipped": skipped, "spatial_shape": list(spatial.shape),
-            "pooled_shape": list(pooled.shape)}
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("spatial", data=spatial, chunks=(1,) + spatial.shape[1:])
+        f.create_dataset("pooled", data=pooled)
+        f.create_dataset("images", data=keys.astype(object), dtype=h5py.string_dtype())
+        for k, v in spec.attrs().items():
+            f.attrs[k] = v
+        side = int(round(np.sqrt(spatial.shape[1])))
+        f.attrs["grid"] = (side, spatial.shape[1] // side)
+        f.attrs["feature_dim"] = spatial.shape[2]
+        f.attrs["dtype"] = str(spatial.dtype)
+    return {
+        "images": int(len(keys)),
+        "skipped": skipped,
+        "spatial_shape": list(spatial.shape),
+        "pooled_shape": list(pooled.shape),
+    }
 
 
 class FeatureStore:
@@ -260,8 +283,9 @@ class FeatureStore:
         try:
             with h5py.File(self.path, "r") as f:
                 self.keys = list(f["images"].asstr()[:])
-                self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v)
-                              for k, v in f.attrs.items()}
+                self.attrs = {
+                    k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()
+                }
                 self.num_locations, self.feature_dim = f["spatial"].shape[1:]
         except (OSError, KeyError) as e:
             raise CaptioningError(f"{self.path}: not a features file ({e})") from None

@@ -49,10 +49,9 @@ def atomic_path(path, suffix=""):
 
 def write_json(path, obj, indent=2) -> None:
     """Write ``obj`` as JSON atomically (sorted keys, so identical data gives identical bytes)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
 
 
 def write_text(path, text: str) -> None:

@@ -57,8 +57,12 @@ def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print) -
     tok = PTBTokenizer()
     gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
     res = tok.tokenize({i: [{"caption": hypotheses[i]}] for i in ids})
-    scorers = [(Bleu(4), ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]), (Meteor(), "METEOR"),
-               (Rouge(), "ROUGE-L"), (Cider(), "CIDEr")]
+    scorers = [
+        (Bleu(4), ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]),
+        (Meteor(), "METEOR"),
+        (Rouge(), "ROUGE-L"),
+        (Cider(), "CIDEr"),
+    ]
     if use_spice is None:
         use_spice, why = spice_available()
         if not use_spice:

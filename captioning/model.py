@@ -32,8 +32,19 @@ def dropout_seeds(seed):
 
 @keras.saving.register_keras_serializable(package="captioning")
 class Captioner(keras.Model):
-    def __init__(self, vocab_size, feature_dim, num_locations, embed_dim=256, units=512,
-                 attention=True, attention_units=256, dropout=0.3, blind=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size,
+        feature_dim,
+        num_locations,
+        embed_dim=256,
+        units=512,
+        attention=True,
+        attention_units=256,
+        dropout=0.3,
+        blind=False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.vocab_size, self.feature_dim, self.num_locations = vocab_size, feature_dim, num_locations
         self.embed_dim, self.units, self.attention = embed_dim, units, attention
@@ -61,8 +72,17 @@ class Captioner(keras.Model):
         return {**super().get_config(), **self.settings()}
 
     def settings(self) -> dict:
-        keys = ("vocab_size", "feature_dim", "num_locations", "embed_dim", "units", "attention",
-                "attention_units", "dropout", "blind")
+        keys = (
+            "vocab_size",
+            "feature_dim",
+            "num_locations",
+            "embed_dim",
+            "units",
+            "attention",
+            "attention_units",
+            "dropout",
+            "blind",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def build(self, input_shape=None):
@@ -127,8 +147,7 @@ class Captioner(keras.Model):
             h_new, ctx, alpha = self._recur(emb_t, h_prev, f, keys)
             return h_new, ctx, alpha
 
-        init = (h, tf.zeros_like(f[:, 0, :]) if self.attention else tf.zeros_like(h[:, :0]),
-                tf.zeros_like(f[:, :, 0]))
+        init = (h, tf.zeros_like(f[:, 0, :]) if self.attention else tf.zeros_like(h[:, :0]), tf.zeros_like(f[:, :, 0]))
         hs, ctxs, alphas = tf.scan(step, tf.transpose(emb, [1, 0, 2]), initializer=init)  # time-major
         hs, ctxs, alphas = (tf.transpose(x, [1, 0, 2]) for x in (hs, ctxs, alphas))  # (B, T, .)
         return self._logits(hs, ctxs, emb, out_seed), alphas

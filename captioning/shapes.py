@@ -110,8 +110,10 @@ def _place(rng, n_obj, radii, layout):
         # shape at a consistent offset to its pooling cells, which keeps shapes learnable
         # from random-init features.
         xs, ys = (np.floor(xs * GRID) + 0.5) / GRID, (np.floor(ys * GRID) + 0.5) / GRID
-        ok = all(r <= x + 0.02 and x - 0.02 <= 1 - r and r <= y + 0.02 and y - 0.02 <= 1 - r
-                 for x, y, r in zip(xs, ys, radii))
+        ok = all(
+            r <= x + 0.02 and x - 0.02 <= 1 - r and r <= y + 0.02 and y - 0.02 <= 1 - r
+            for x, y, r in zip(xs, ys, radii)
+        )
         main = xs if layout == "row" else ys
         other = ys if layout == "row" else xs
         for i in range(n_obj - 1):
@@ -256,5 +258,7 @@ def scene_accuracy(hypotheses: dict, truth: dict) -> dict:
     """Shares of images whose caption names the right objects, and also lays them out right."""
     ids = sorted(hypotheses)
     n = max(1, len(ids))
-    return {"object_accuracy": round(sum(content_correct(hypotheses[i], truth[i]) for i in ids) / n, 6),
-            "layout_accuracy": round(sum(layout_correct(hypotheses[i], truth[i]) for i in ids) / n, 6)}
+    return {
+        "object_accuracy": round(sum(content_correct(hypotheses[i], truth[i]) for i in ids) / n, 6),
+        "layout_accuracy": round(sum(layout_correct(hypotheses[i], truth[i]) for i in ids) / n, 6),
+    }

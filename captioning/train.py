@@ -33,7 +33,7 @@ class CaptionSet:
         """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption."""
         order = np.arange(len(self.tokens)) if rng is None else rng.permutation(len(self.tokens))
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             toks = self.tokens[idx]
             width = int((toks > 0).sum(axis=1).max())
             yield self.features[self.image_rows[idx]], toks[:, :width]
@@ -111,8 +111,16 @@ def _load_checkpoint(path, model, optimizer, fingerprint):
     return state, best
 
 
-def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkpoint_dir,
-        on_epoch=None, progress=True, log=print):
+def fit(
+    model,
+    train: CaptionSet,
+    val: CaptionSet,
+    settings: FitSettings,
+    checkpoint_dir,
+    on_epoch=None,
+    progress=True,
+    log=print,
+):
     """Train ``model`` in place; leaves the best (lowest val loss) weights in it.
 
     ``on_epoch(epoch, metrics)`` is called after every epoch, also for epochs replayed from
@@ -160,8 +168,16 @@ def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkp
             if on_epoch:
                 on_epoch(m["epoch"], m)
     else:
-        state = {"fingerprint": fingerprint, "epoch": 0, "step": 0, "best_val_loss": None,
-                 "best_epoch": 0, "bad_epochs": 0, "history": [], "complete": False}
+        state = {
+            "fingerprint": fingerprint,
+            "epoch": 0,
+            "step": 0,
+            "best_val_loss": None,
+            "best_epoch": 0,
+            "bad_epochs": 0,
+            "history": [],
+            "complete": False,
+        }
         best_weights = [np.asarray(w) for w in model.weights]
 
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
@@ -173,15 +189,22 @@ def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkp
         rng = np.random.default_rng([settings.seed, epoch])
         total, n = 0.0, 0
         n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
-        bar = tqdm(train.batches(settings.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
-                   unit="batch", disable=not progress, leave=False)
+        bar = tqdm(
+            train.batches(settings.batch_size, rng),
+            total=n_batches,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
         for feats, toks in bar:
             state["step"] += 1
             seed = tf.constant([settings.seed, state["step"]], tf.int32)
             loss = float(train_step(feats, toks, seed))
             if not np.isfinite(loss):
-                raise CaptioningError(f"training diverged at epoch {epoch} step {state['step']} (loss {loss});"
-                                      " lower train.learning_rate")
+                raise CaptioningError(
+                    f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); lower train.learning_rate"
+                )
             total, n = total + loss * len(toks), n + len(toks)
             bar.set_postfix(loss=f"{total / n:.3f}")
         ce, count = 0.0, 0.0
@@ -189,9 +212,14 @@ def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkp
             s, c = val_step(feats, toks)
             ce, count = ce + float(s), count + float(c)
         val_loss = ce / count
-        metrics = {"epoch": epoch, "train_loss": round(total / n, 6), "val_loss": round(val_loss, 6),
-                   "val_perplexity": round(float(np.exp(val_loss)), 4), "learning_rate": float(f"{lr:.6g}"),
-                   "seconds": round(time.perf_counter() - t0, 2)}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": round(total / n, 6),
+            "val_loss": round(val_loss, 6),
+            "val_perplexity": round(float(np.exp(val_loss)), 4),
+            "learning_rate": float(f"{lr:.6g}"),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         state["history"].append(metrics)
         state["epoch"] = epoch
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
@@ -199,8 +227,9 @@ def fit(model, train: CaptionSet, val: CaptionSet, settings: FitSettings, checkp
             best_weights = [np.asarray(w) for w in model.weights]
         else:
             state["bad_epochs"] += 1
-        log(f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f}"
-            f" ({metrics['seconds']:.0f}s)")
+        log(
+            f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f} ({metrics['seconds']:.0f}s)"
+        )
         _save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
         if on_epoch:
             on_epoch(epoch, metrics)

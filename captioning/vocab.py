@@ -58,8 +58,9 @@ class Vocabulary:
     def build(cls, token_lists, min_count=1):
         """Words seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
         counts = collections.Counter(t for toks in token_lists for t in toks)
-        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIALS),
-                      key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= min_count and w not in SPECIALS), key=lambda w: (-counts[w], w)
+        )
         return cls(list(SPECIALS) + kept)
 
     def encode(self, tokens, max_length):
@@ -103,12 +104,11 @@ def save_encoded(path, splits):
 
     from .io import atomic_path
 
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for split, (images, tokens) in sorted(splits.items()):
-                g = f.create_group(split)
-                g.create_dataset("images", data=np.array(images, dtype=object), dtype=h5py.string_dtype())
-                g.create_dataset("tokens", data=tokens)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, (images, tokens) in sorted(splits.items()):
+            g = f.create_group(split)
+            g.create_dataset("images", data=np.array(images, dtype=object), dtype=h5py.string_dtype())
+            g.create_dataset("tokens", data=tokens)
 
 
 def load_encoded(path, split):

@@ -11,8 +11,12 @@ from captioning.errors import CaptioningError
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_file", default="models/captioner.keras", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--config", "config_file", default="models/config.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--model", "model_file", default="models/captioner.keras", show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--config", "config_file", default="models/config.json", show_default=True, type=click.Path(dir_okay=False)
+)
 @click.option("--vocab", "vocab_file", default="data/vocab.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 50), help="1 = greedy.")
 @click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 200))
@@ -51,11 +55,12 @@ def main(images, model_file, config_file, vocab_file, beam_size, max_length, len
             failed += 1
             click.echo(f"Error: {path}: {e}", err=True)
     if ok:
-        feats = np.concatenate([forward(np.stack(arrays[i:i + 32]))[0].numpy() for i in range(0, len(arrays), 32)])
+        feats = np.concatenate([forward(np.stack(arrays[i : i + 32]))[0].numpy() for i in range(0, len(arrays), 32)])
         # Round through the stored precision, so the decoder sees what it was trained on.
         feats = feats.astype(cfg.get("feature_dtype", "float32")).astype(np.float32)
-        caps, _ = caption_features(model, voc, feats, beam_size=beam_size,
-                                max_length=max_length, length_penalty=length_penalty)
+        caps, _ = caption_features(
+            model, voc, feats, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty
+        )
         for path, cap in zip(ok, caps):
             click.echo(json.dumps({"image": str(Path(path)), "caption": cap}) if as_json else f"{path}\t{cap}")
     if failed:

@@ -25,13 +25,16 @@ def main(name, out, keep_archives, retries, progress):
     dataset = download.DATASETS[name]
     if dataset.manual:
         click.echo(dataset.manual.format(out=out))
-    rep = download.fetch_dataset(dataset, out, keep_archives=keep_archives, progress=progress, retries=retries,
-                                 log=click.echo)
+    rep = download.fetch_dataset(
+        dataset, out, keep_archives=keep_archives, progress=progress, retries=retries, log=click.echo
+    )
     command = download.dvc_command(dataset, out)
     if command:
         click.echo(f"to train and evaluate on it:\n  {command}")
-    click.echo(f"download: {name} -> {out}: {len(rep['downloaded'])} downloaded, {len(rep['unpacked'])} unpacked,"
-               f" {len(rep['kept'])} already there")
+    click.echo(
+        f"download: {name} -> {out}: {len(rep['downloaded'])} downloaded, {len(rep['unpacked'])} unpacked,"
+        f" {len(rep['kept'])} already there"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ class Params:
 @click.option("--vocab", "vocab_file", required=True, type=click.Path(dir_okay=False), help="Vocabulary JSON.")
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features.")
 @click.option("--dataset", required=True, type=click.Path(dir_okay=False), help="Normalised dataset JSON (references).")
-@click.option("--truth", type=click.Path(dir_okay=False), help="Ground truth JSON of the generated data (object and layout accuracy).")
+@click.option(
+    "--truth",
+    type=click.Path(dir_okay=False),
+    help="Ground truth JSON of the generated data (object and layout accuracy).",
+)
 @click.option("--metrics", "metrics_out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="Predictions JSON to write.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
@@ -54,9 +58,16 @@ def main(params_file, model_file, vocab_file, features, dataset, truth, metrics_
     if len(voc) != model.vocab_size:
         raise CaptioningError(f"{vocab_file}: {len(voc)} words, but {model_file} was trained with {model.vocab_size}")
     keys = [r["image"] for r in records]
-    hyps, log_probs = caption_features(model, voc, store.load(keys), beam_size=p.beam_size,
-                                       max_length=p.max_length, length_penalty=p.length_penalty,
-                                       batch_size=p.batch_size, progress=progress)
+    hyps, log_probs = caption_features(
+        model,
+        voc,
+        store.load(keys),
+        beam_size=p.beam_size,
+        max_length=p.max_length,
+        length_penalty=p.length_penalty,
+        batch_size=p.batch_size,
+        progress=progress,
+    )
     refs = {r["image"]: r["captions"] for r in records}
     by_key = dict(zip(keys, hyps))
     scores = coco_scores(refs, by_key, log=click.echo)
@@ -67,11 +78,22 @@ def main(params_file, model_file, vocab_file, features, dataset, truth, metrics_
             scores.update(scene_accuracy(by_key, gt))
         else:
             click.echo(f"object and layout accuracy skipped: {truth} does not describe these images")
-    scores.update(images=len(keys), images_without_features=len(in_split) - len(records), split=p.split,
-                  beam_size=p.beam_size, max_length=p.max_length, length_penalty=p.length_penalty)
+    scores.update(
+        images=len(keys),
+        images_without_features=len(in_split) - len(records),
+        split=p.split,
+        beam_size=p.beam_size,
+        max_length=p.max_length,
+        length_penalty=p.length_penalty,
+    )
     write_json(metrics_out, scores)
-    write_json(predictions, [{"image": k, "caption": by_key[k], "log_prob": round(lp, 6), "references": refs[k]}
-                             for k, lp in zip(keys, log_probs)])
+    write_json(
+        predictions,
+        [
+            {"image": k, "caption": by_key[k], "log_prob": round(lp, 6), "references": refs[k]}
+            for k, lp in zip(keys, log_probs)
+        ],
+    )
     shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float) and k != "length_penalty")
     missing = f" ({scores['images_without_features']} without features)" if scores["images_without_features"] else ""
     click.echo(f"evaluate: {len(keys)} {p.split} images{missing}, beam {p.beam_size}: {shown} -> {metrics_out}")

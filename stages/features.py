@@ -41,14 +41,25 @@ def main(params_file, dataset, images, out, report, progress):
     keys = [r["image"] for r in read_json(dataset)["images"]]
     if not keys:
         raise CaptioningError(f"{dataset}: no images")
-    spec = encoder.EncoderSpec(backbone=p.backbone, weights=p.weights, layer=p.layer,
-                               image_size=p.image_size, alpha=p.alpha, seed=seed)
-    rep = encoder.extract_features(spec, images, keys, out, batch_size=p.batch_size, dtype=p.dtype,
-                                   max_bad_fraction=p.max_bad_fraction, progress=progress)
+    spec = encoder.EncoderSpec(
+        backbone=p.backbone, weights=p.weights, layer=p.layer, image_size=p.image_size, alpha=p.alpha, seed=seed
+    )
+    rep = encoder.extract_features(
+        spec,
+        images,
+        keys,
+        out,
+        batch_size=p.batch_size,
+        dtype=p.dtype,
+        max_bad_fraction=p.max_bad_fraction,
+        progress=progress,
+    )
     write_json(report, rep)
-    click.echo(f"features: {rep['images']} images -> {out} spatial {tuple(rep['spatial_shape'])}"
-               f" ({spec.backbone}/{spec.resolved_layer()}, {len(rep['skipped'])} skipped,"
-               f" {rep['resumed_images']} resumed, {rep['images_per_second'] or 0:.1f} img/s)")
+    click.echo(
+        f"features: {rep['images']} images -> {out} spatial {tuple(rep['spatial_shape'])}"
+        f" ({spec.backbone}/{spec.resolved_layer()}, {len(rep['skipped'])} skipped,"
+        f" {rep['resumed_images']} resumed, {rep['images_per_second'] or 0:.1f} img/s)"
+    )
 
 
 if __name__ == "__main__":

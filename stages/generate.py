@@ -32,13 +32,22 @@ def main(params_file, out_dir):
     p = config.load_params(params_file, {"generate": Params})["generate"]
     seed = config.load_seed(params_file)
     with atomic_path(out_dir) as tmp:
-        dataset, truth = shapes.generate(tmp, n_train=p.n_train, n_val=p.n_val, n_test=p.n_test, seed=seed,
-                                         image_size=p.image_size, n_captions=p.captions_per_image)
+        dataset, truth = shapes.generate(
+            tmp,
+            n_train=p.n_train,
+            n_val=p.n_val,
+            n_test=p.n_test,
+            seed=seed,
+            image_size=p.image_size,
+            n_captions=p.captions_per_image,
+        )
         for name, obj in (("dataset_shapes.json", dataset), ("ground_truth.json", truth)):
             (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     n = len(dataset["images"])
-    click.echo(f"generate: {n} images ({p.n_train} train / {p.n_val} val / {p.n_test} test),"
-               f" {sum(len(i['sentences']) for i in dataset['images'])} captions -> {out_dir}")
+    click.echo(
+        f"generate: {n} images ({p.n_train} train / {p.n_val} val / {p.n_test} test),"
+        f" {sum(len(i['sentences']) for i in dataset['images'])} captions -> {out_dir}"
+    )
 
 
 if __name__ == "__main__":

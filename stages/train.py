@@ -36,8 +36,11 @@ def load_split(store, captions_h5, split):
     have = [k for k in keys if k in store.index]
     row = {k: i for i, k in enumerate(have)}
     keep = np.array([im in row for im in images], dtype=bool)
-    return CaptionSet(store.load(have), tokens[keep].astype(np.int32),
-                      np.array([row[im] for im in images if im in row], dtype=np.int64))
+    return CaptionSet(
+        store.load(have),
+        tokens[keep].astype(np.int32),
+        np.array([row[im] for im in images if im in row], dtype=np.int64),
+    )
 
 
 @click.command()
@@ -46,7 +49,9 @@ def load_split(store, captions_h5, split):
 @click.option("--vocab", "vocab_file", required=True, type=click.Path(dir_okay=False), help="Vocabulary JSON.")
 @click.option("--captions", required=True, type=click.Path(dir_okay=False), help="Encoded captions HDF5.")
 @click.option("--model", "model_out", required=True, type=click.Path(dir_okay=False), help="Model to write (.keras).")
-@click.option("--config", "config_out", required=True, type=click.Path(dir_okay=False), help="Model config JSON to write.")
+@click.option(
+    "--config", "config_out", required=True, type=click.Path(dir_okay=False), help="Model config JSON to write."
+)
 @click.option("--checkpoint", required=True, type=click.Path(file_okay=False), help="Resumable checkpoint folder.")
 @click.option("--live-dir", required=True, type=click.Path(file_okay=False), help="dvclive folder (metrics, plots).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
@@ -72,33 +77,58 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
     store = FeatureStore(features)
     voc = Vocabulary.from_json(read_json(vocab_file))
     train_set, val_set = load_split(store, captions, "train"), load_split(store, captions, "val")
-    model = Captioner(vocab_size=len(voc), feature_dim=store.feature_dim, num_locations=store.num_locations,
-                      embed_dim=p.embed_dim, units=p.units, attention=p.attention,
-                      attention_units=p.attention_units, dropout=p.dropout, blind=p.blind)
-    settings = FitSettings(batch_size=p.batch_size, learning_rate=p.learning_rate, lr_decay=p.lr_decay,
-                           epochs=p.epochs, patience=p.patience,
-                           attention_reg=p.attention_reg if p.attention else 0.0,
-                           clip_norm=p.clip_norm, seed=seed)
+    model = Captioner(
+        vocab_size=len(voc),
+        feature_dim=store.feature_dim,
+        num_locations=store.num_locations,
+        embed_dim=p.embed_dim,
+        units=p.units,
+        attention=p.attention,
+        attention_units=p.attention_units,
+        dropout=p.dropout,
+        blind=p.blind,
+    )
+    settings = FitSettings(
+        batch_size=p.batch_size,
+        learning_rate=p.learning_rate,
+        lr_decay=p.lr_decay,
+        epochs=p.epochs,
+        patience=p.patience,
+        attention_reg=p.attention_reg if p.attention else 0.0,
+        clip_norm=p.clip_norm,
+        seed=seed,
+    )
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
+
         def on_epoch(epoch, m):
             for k in LOGGED:
                 live.log_metric(k, m[k])
             live.next_step()
 
-        state = fit(model, train_set, val_set, settings, checkpoint, on_epoch=on_epoch, progress=progress,
-                    log=click.echo)
+        state = fit(
+            model, train_set, val_set, settings, checkpoint, on_epoch=on_epoch, progress=progress, log=click.echo
+        )
         # metrics.json (what `dvc metrics show` prints) describes the saved model: the best
         # epoch, logged at dvclive step best_epoch - 1; the curves keep every epoch.
         live.summary = {**best_epoch_metrics(state), "step": state["best_epoch"] - 1}
     with atomic_path(model_out, suffix=".keras") as tmp:
         model.save(tmp)
-    write_json(config_out, {"model": model.settings(), "encoder": store.spec.attrs(),
-                            "feature_dtype": str(store.attrs.get("dtype", "float32")),
-                            "vocab_size": len(voc), "best_epoch": state["best_epoch"],
-                            "best_val_loss": round(state["best_val_loss"], 6)})
+    write_json(
+        config_out,
+        {
+            "model": model.settings(),
+            "encoder": store.spec.attrs(),
+            "feature_dtype": str(store.attrs.get("dtype", "float32")),
+            "vocab_size": len(voc),
+            "best_epoch": state["best_epoch"],
+            "best_val_loss": round(state["best_val_loss"], 6),
+        },
+    )
     secs = sum(m["seconds"] for m in state["history"])
-    click.echo(f"train: {state['epoch']} epochs ({secs:.0f}s), best val_loss {state['best_val_loss']:.4f}"
-               f" at epoch {state['best_epoch']}, {model.count_params()} params -> {model_out}")
+    click.echo(
+        f"train: {state['epoch']} epochs ({secs:.0f}s), best val_loss {state['best_val_loss']:.4f}"
+        f" at epoch {state['best_epoch']}, {model.count_params()} params -> {model_out}"
+    )
 
 
 if __name__ == "__main__":

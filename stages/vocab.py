@@ -37,8 +37,10 @@ def main(params_file, dataset, vocab_out, captions):
     vocab.save_encoded(captions, encoded)
     n_train = len(per_split.get("train", ([], []))[1])
     unk = sum(int((t == voc.unk_id).sum()) for _, t in encoded.values())
-    click.echo(f"vocab: {len(voc)} words (min_count {p.min_count}) from {n_train} train captions,"
-               f" {sum(len(i) for i, _ in encoded.values())} captions encoded, {unk} <unk> tokens -> {vocab_out}")
+    click.echo(
+        f"vocab: {len(voc)} words (min_count {p.min_count}) from {n_train} train captions,"
+        f" {sum(len(i) for i, _ in encoded.values())} captions encoded, {unk} <unk> tokens -> {vocab_out}"
+    )
 
 
 if __name__ == "__main__":

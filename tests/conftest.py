@@ -15,16 +15,39 @@ ROOT = Path(__file__).resolve().parents[1]
 # the real VGG16 graph (at 32 px), a real GRU with attention, real HDF5 and real metrics.
 TINY_PARAMS = {
     "seed": 7,
-    "dataset": {"captions": "data/shapes/dataset_shapes.json", "images": "data/shapes/images",
-                "splits": "data/shapes/dataset_shapes.json", "format": "auto"},
+    "dataset": {
+        "captions": "data/shapes/dataset_shapes.json",
+        "images": "data/shapes/images",
+        "splits": "data/shapes/dataset_shapes.json",
+        "format": "auto",
+    },
     "generate": {"n_train": 16, "n_val": 4, "n_test": 4, "image_size": 32, "captions_per_image": 3},
     "prepare": {"split_ratios": [0.8, 0.1, 0.1], "max_bad_fraction": 0.01},
-    "features": {"backbone": "vgg16", "weights": "none", "layer": "block3_pool", "image_size": 32,
-                 "alpha": 1.0, "batch_size": 8, "dtype": "float16", "max_bad_fraction": 0.01},
+    "features": {
+        "backbone": "vgg16",
+        "weights": "none",
+        "layer": "block3_pool",
+        "image_size": 32,
+        "alpha": 1.0,
+        "batch_size": 8,
+        "dtype": "float16",
+        "max_bad_fraction": 0.01,
+    },
     "vocab": {"min_count": 1, "max_length": 12},
-    "train": {"attention": True, "blind": False, "embed_dim": 8, "units": 8, "attention_units": 4,
-              "dropout": 0.1, "attention_reg": 0.01, "batch_size": 16, "learning_rate": 0.01,
-              "epochs": 2, "patience": 2, "clip_norm": 5.0},
+    "train": {
+        "attention": True,
+        "blind": False,
+        "embed_dim": 8,
+        "units": 8,
+        "attention_units": 4,
+        "dropout": 0.1,
+        "attention_reg": 0.01,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "epochs": 2,
+        "patience": 2,
+        "clip_norm": 5.0,
+    },
     "evaluate": {"split": "test", "beam_size": 2, "max_length": 8, "length_penalty": 0.0, "batch_size": 8},
 }
 
@@ -53,6 +76,9 @@ def shapes_dir(tmp_path):
 
 def git_init(path):
     """A git repo with a local identity (fresh CI machines have none)."""
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "test"],
-                ["git", "config", "user.email", "test@example.com"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.name", "test"],
+        ["git", "config", "user.email", "test@example.com"],
+    ):
         subprocess.run(cmd, cwd=path, check=True)

@@ -42,14 +42,21 @@ OPEN_BEAM_WINS = {START: {A: 0.6, B: 0.4}, A: {C: 0.8, END: 0.1, D: 0.1}, B: {EN
 EMPTY_LOSES = {START: {A: 0.5, END: 0.3, B: 0.2}, A: {C: 0.9, D: 0.1}, B: {END: 1.0}}
 # Plain beam 2 keeps "a" and "b", then prunes greedy's "a d" (0.144) for "b e" and "b f" (0.165
 # each), which never end: it would return a caption of probability ~1e-12. Beam 3 keeps "c".
-GREEDY_PRUNED = {START: {A: 0.36, B: 0.33, C: 0.31}, A: {D: 0.4, END: 0.3, C: 0.3}, B: {E: 0.5, F: 0.5},
-                 C: {END: 1.0}, E: {F: 1.0}, F: {E: 1.0}}
+GREEDY_PRUNED = {
+    START: {A: 0.36, B: 0.33, C: 0.31},
+    A: {D: 0.4, END: 0.3, C: 0.3},
+    B: {E: 0.5, F: 0.5},
+    C: {END: 1.0},
+    E: {F: 1.0},
+    F: {E: 1.0},
+}
 
 
 def run(tables, beam, max_length=4, alpha=0.0):
     step_fn, calls = scripted(tables)
-    seqs, scores, raw = beam_search(step_fn, (np.arange(len(tables)),), len(tables), beam, max_length, START, END,
-                                    alpha)
+    seqs, scores, raw = beam_search(
+        step_fn, (np.arange(len(tables)),), len(tables), beam, max_length, START, END, alpha
+    )
     return seqs, scores, raw, calls
 
 
@@ -122,6 +129,7 @@ def test_tokens_with_minus_inf_are_never_chosen():
 
 # ---- exactness: beam search with enough beams is brute-force enumeration --------------------
 
+
 def random_model(n_tokens, seed, end=0):
     """A step function over prefixes: every distinct prefix gets its own random distribution.
 
@@ -158,8 +166,11 @@ def random_model(n_tokens, seed, end=0):
     return step_fn, brute_force
 
 
-CASES = [(v, t, alpha, seed) for seed, (v, t) in enumerate([(4, 1), (4, 3), (4, 5), (5, 2), (5, 4), (6, 3), (6, 4)])
-         for alpha in (0.0, 0.7)]
+CASES = [
+    (v, t, alpha, seed)
+    for seed, (v, t) in enumerate([(4, 1), (4, 3), (4, 5), (5, 2), (5, 4), (6, 3), (6, 4)])
+    for alpha in (0.0, 0.7)
+]
 
 
 @pytest.mark.parametrize("n_tokens, max_length, alpha, seed", CASES)
@@ -173,7 +184,7 @@ def test_enough_beams_equal_brute_force_and_beam_never_loses_to_greedy(n_tokens,
         return beam_search(step_fn, (np.arange(items), holder), items, k, max_length, -1, 0, alpha)
 
     exact = [brute_force(i, max_length, alpha) for i in range(items)]
-    seqs, scores, raw = search(n_tokens ** max_length)
+    seqs, scores, raw = search(n_tokens**max_length)
     for i in range(items):
         assert seqs[i] == exact[i][1]
         assert scores[i] == pytest.approx(exact[i][0], abs=1e-9) and raw[i] == pytest.approx(exact[i][2], abs=1e-9)

@@ -33,7 +33,7 @@ def test_flickr8k_token_with_split_files(tmp_path):
     records, report = load_dataset(text / "Flickr8k.token.txt", imgs, splits=text)
     r = by_image(records)
     assert report["format"] == "flickr_token" and report["split_source"] == "split files"
-    assert [r[k]["split"] for k in "a.jpg b.jpg c.jpg d.jpg".split()] == ["train", "train", "val", "test"]
+    assert [r[k]["split"] for k in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]] == ["train", "train", "val", "test"]
     assert r["a.jpg"]["captions"][0] == "A caption number 0 ."
     assert len(r["a.jpg"]["captions"]) == 5 and report["captions"] == 20
 
@@ -48,9 +48,17 @@ def test_splits_come_only_from_where_they_are_asked(tmp_path):
     records, listed = load_dataset(tmp_path / "captions.txt", imgs, splits=tmp_path)
     assert listed["split_source"] == "split files" and {r["split"] for r in records} == {"train"}
     karpathy = tmp_path / "dataset_flickr8k.json"
-    karpathy.write_text(json.dumps({"dataset": "flickr8k", "images": [
-        {"filename": f"{n}.jpg", "split": s, "sentences": [{"raw": "x"}]} for n, s in zip("abcd", ["train", "val",
-                                                                                                   "test", "restval"])]}))
+    karpathy.write_text(
+        json.dumps(
+            {
+                "dataset": "flickr8k",
+                "images": [
+                    {"filename": f"{n}.jpg", "split": s, "sentences": [{"raw": "x"}]}
+                    for n, s in zip("abcd", ["train", "val", "test", "restval"])
+                ],
+            }
+        )
+    )
     records, rep = load_dataset(tmp_path / "captions.txt", imgs, splits=karpathy)
     assert rep["split_source"] == "karpathy" and [r["split"] for r in records] == ["train", "val", "test", "train"]
     assert records[0]["captions"] == ["a cap"]  # captions still come from the captions file
@@ -92,10 +100,14 @@ def test_flickr30k_token_and_csv(tmp_path):
 
 def test_coco_annotations(tmp_path):
     imgs = make_images(tmp_path / "val2017", ["000000000139.jpg", "000000000285.jpg"])
-    ann = {"images": [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"}],
-           "annotations": [{"id": 1, "image_id": 139, "caption": "A room with a TV."},
-                           {"id": 2, "image_id": 285, "caption": "A big brown bear."},
-                           {"id": 3, "image_id": 285, "caption": " A bear  sitting. "}]}
+    ann = {
+        "images": [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"}],
+        "annotations": [
+            {"id": 1, "image_id": 139, "caption": "A room with a TV."},
+            {"id": 2, "image_id": 285, "caption": "A big brown bear."},
+            {"id": 3, "image_id": 285, "caption": " A bear  sitting. "},
+        ],
+    }
     (tmp_path / "captions_val2017.json").write_text(json.dumps(ann))
     records, report = load_dataset(tmp_path / "captions_val2017.json", imgs)
     assert report["format"] == "coco"
@@ -104,11 +116,19 @@ def test_coco_annotations(tmp_path):
 
 def test_karpathy_json_with_filepath_and_restval(tmp_path):
     make_images(tmp_path / "coco", ["val2014/v1.jpg", "val2014/v2.jpg", "train2014/t1.jpg"])
-    data = {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "v1.jpg", "split": "restval", "sentences": [{"raw": "A cat.", "tokens": ["a", "cat"]}]},
-        {"filepath": "val2014", "filename": "v2.jpg", "split": "test", "sentences": [{"tokens": ["a", "dog"]}]},
-        {"filepath": "train2014", "filename": "t1.jpg", "split": "val", "sentences": [{"raw": "A cow."}]},
-    ]}
+    data = {
+        "dataset": "coco",
+        "images": [
+            {
+                "filepath": "val2014",
+                "filename": "v1.jpg",
+                "split": "restval",
+                "sentences": [{"raw": "A cat.", "tokens": ["a", "cat"]}],
+            },
+            {"filepath": "val2014", "filename": "v2.jpg", "split": "test", "sentences": [{"tokens": ["a", "dog"]}]},
+            {"filepath": "train2014", "filename": "t1.jpg", "split": "val", "sentences": [{"raw": "A cow."}]},
+        ],
+    }
     (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
     records, report = load_dataset(tmp_path / "dataset_coco.json", tmp_path / "coco")
     r = by_image(records)
@@ -135,6 +155,7 @@ def test_seeded_split_is_deterministic_and_follows_ratios():
 
 # ---- bad input: each class gives an error naming file and line, or a counted skip -----------
 
+
 def _token_file(tmp_path, body: bytes, names=("a.jpg",)):
     imgs = make_images(tmp_path / "img", names)
     f = tmp_path / "captions.token"
@@ -142,11 +163,17 @@ def _token_file(tmp_path, body: bytes, names=("a.jpg",)):
     return f, imgs
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"a.jpg#0\tok caption\na.jpg#1 no tab here\n", r"captions.token:2: expected 'image#n<TAB>caption', found no tab"),
-    (b"a.jpg#0\tok caption\na.jpg#x\tbad suffix\n", r"captions.token:2: bad image key 'a.jpg#x'"),
-    (b"a.jpg#0\tok caption\na.jpg#1\tcaf\xe9 latin-1\n", r"captions.token:2: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            b"a.jpg#0\tok caption\na.jpg#1 no tab here\n",
+            r"captions.token:2: expected 'image#n<TAB>caption', found no tab",
+        ),
+        (b"a.jpg#0\tok caption\na.jpg#x\tbad suffix\n", r"captions.token:2: bad image key 'a.jpg#x'"),
+        (b"a.jpg#0\tok caption\na.jpg#1\tcaf\xe9 latin-1\n", r"captions.token:2: not valid UTF-8"),
+    ],
+)
 def test_bad_token_files(tmp_path, body, message):
     f, imgs = _token_file(tmp_path, body)
     with pytest.raises(CaptioningError, match=message):
@@ -172,7 +199,11 @@ def test_csv_with_extra_field_names_the_line(tmp_path):
 def test_coco_missing_annotations(tmp_path):
     imgs = make_images(tmp_path / "img", ["a.jpg"])
     f = tmp_path / "captions_train2014.json"
-    f.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}).replace('"annotations": []', '"info": {}'))
+    f.write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}).replace(
+            '"annotations": []', '"info": {}'
+        )
+    )
     with pytest.raises(CaptioningError, match=r"neither COCO captions nor a Karpathy|missing the 'annotations'"):
         load_dataset(f, imgs)
     with pytest.raises(CaptioningError, match=r"captions_train2014.json: missing the 'annotations' list"):
@@ -182,8 +213,11 @@ def test_coco_missing_annotations(tmp_path):
 def test_coco_unknown_image_id(tmp_path):
     imgs = make_images(tmp_path / "img", ["a.jpg"])
     f = tmp_path / "c.json"
-    f.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
-                             "annotations": [{"id": 9, "image_id": 2, "caption": "x"}]}))
+    f.write_text(
+        json.dumps(
+            {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"id": 9, "image_id": 2, "caption": "x"}]}
+        )
+    )
     with pytest.raises(CaptioningError, match=r"c.json: annotations\[0\] \(id 9\) refers to unknown image_id 2"):
         load_dataset(f, imgs)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import ROOT
 
 from captioning import download
 from captioning.download import DATASETS, Dataset, DownloadError, Remote, fetch, fetch_dataset, unpack
-from conftest import ROOT
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -148,8 +148,15 @@ def test_no_network_is_a_clear_error_after_backing_off(tmp_path):
         port = s.getsockname()[1]
     waits = []
     with pytest.raises(DownloadError, match=r"failed 3 times, last: cannot reach 127.0.0.1:\d+: .*No network\?"):
-        fetch(Remote(f"http://127.0.0.1:{port}/a.zip"), tmp_path / "a.zip", retries=2, backoff=1.0,
-              progress=False, sleep=no_sleep(waits), log=lambda s: None)
+        fetch(
+            Remote(f"http://127.0.0.1:{port}/a.zip"),
+            tmp_path / "a.zip",
+            retries=2,
+            backoff=1.0,
+            progress=False,
+            sleep=no_sleep(waits),
+            log=lambda s: None,
+        )
     assert waits == [1.0, 2.0]  # exponential backoff
 
 
@@ -179,8 +186,9 @@ EVIL = {
     "zip-slip.zip": make_zip({"ok.txt": b"fine", "../evil.txt": b"escaped"}),
     "absolute.zip": make_zip({"ok.txt": b"fine", "/tmp/evil.txt": b"escaped"}),
     "slip.tar.gz": tar_bytes(lambda t: (_tar_member(t, "ok.txt"), _tar_member(t, "a/../../evil.txt"))),
-    "symlink.tar.gz": tar_bytes(lambda t: (_tar_member(t, "ok.txt"),
-                                           _tar_member(t, "link", kind=tarfile.SYMTYPE, link="/etc/passwd"))),
+    "symlink.tar.gz": tar_bytes(
+        lambda t: (_tar_member(t, "ok.txt"), _tar_member(t, "link", kind=tarfile.SYMTYPE, link="/etc/passwd"))
+    ),
 }
 
 
@@ -229,14 +237,18 @@ def test_the_registry_is_well_formed():
 def test_cli_downloads_then_prints_the_training_command(server, tmp_path, monkeypatch):
     from stages import download as stage
 
-    ds = Dataset(files=(remote_for(server, "/d/photos.zip", PHOTOS, size=len(PHOTOS)),),
-                 params={"dataset.captions": "{out}/captions.txt", "dataset.images": "{out}/Photos"})
+    ds = Dataset(
+        files=(remote_for(server, "/d/photos.zip", PHOTOS, size=len(PHOTOS)),),
+        params={"dataset.captions": "{out}/captions.txt", "dataset.images": "{out}/Photos"},
+    )
     monkeypatch.setitem(DATASETS, "tiny", ds)
     out = tmp_path / "raw"
     result = CliRunner().invoke(stage.main, ["tiny", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"dvc exp run -S dataset.captions={out}/captions.txt -S dataset.images={out}/Photos" in result.output
-    assert result.output.strip().splitlines()[-1] == f"download: tiny -> {out}: 1 downloaded, 1 unpacked, 0 already there"
+    assert (
+        result.output.strip().splitlines()[-1] == f"download: tiny -> {out}: 1 downloaded, 1 unpacked, 0 already there"
+    )
     again = CliRunner().invoke(stage.main, ["tiny", "--out", str(out), "--no-progress"])
     assert again.output.strip().endswith("0 downloaded, 0 unpacked, 1 already there")
     bad = CliRunner().invoke(stage.main, ["nope", "--out", str(out)])

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, TINY_PARAMS, git_init
 
 
@@ -57,8 +56,10 @@ def test_editing_a_split_list_reruns_prepare(tmp_path):
     (raw / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a photo\n" for n in names))
     (raw / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:3]) + "\n")
     (raw / "Flickr_8k.devImages.txt").write_text(names[3] + "\n")
-    params = {**TINY_PARAMS, "dataset": {"captions": "raw/captions.txt", "images": "raw/Images", "splits": "raw",
-                                         "format": "flickr_csv"}}
+    params = {
+        **TINY_PARAMS,
+        "dataset": {"captions": "raw/captions.txt", "images": "raw/Images", "splits": "raw", "format": "flickr_csv"},
+    }
     repo = make_project(tmp_path / "repo", params)
     dvc("repro", "prepare", cwd=repo)
     assert "up to date" in dvc("status", "prepare", cwd=repo)

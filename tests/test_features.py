@@ -1,6 +1,5 @@
 """Feature extraction into HDF5: shapes and attributes, skips, and resume after SIGKILL."""
 
-import json
 import os
 import signal
 import subprocess
@@ -30,8 +29,9 @@ def test_features_file_layout(tmp_path, shapes_dir):
         assert list(f["images"].asstr()[:]) == keys
         assert f.attrs["backbone"] == "vgg16" and f.attrs["layer"] == "block3_pool"
         assert f.attrs["image_size"] == 32 and f.attrs["weights"] == "none" and tuple(f.attrs["grid"]) == (4, 4)
-        np.testing.assert_allclose(f["pooled"][:].astype(np.float32),
-                                   f["spatial"][:].astype(np.float32).mean(1), atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(
+            f["pooled"][:].astype(np.float32), f["spatial"][:].astype(np.float32).mean(1), atol=2e-2, rtol=1e-2
+        )
     assert rep["images"] == 24 and rep["skipped"] == [] and not (tmp_path / "f.h5.partial").exists()
     store = FeatureStore(tmp_path / "f.h5")
     assert store.spec == SPEC and store.load(keys[:2]).shape == (2, 16, 256)
@@ -50,7 +50,9 @@ def test_bad_images_are_skipped_counted_and_bounded(tmp_path, shapes_dir):
     (images / "zz_broken.jpg").write_bytes(b"not a jpeg")
     keys = keys_of(shapes_dir)
     rep = extract_features(SPEC, images, keys, tmp_path / "f.h5", batch_size=8, max_bad_fraction=0.05, progress=False)
-    assert rep["images"] == 24 and rep["skipped"] == [{"image": "zz_broken.jpg", "error": "not an image file PIL can read"}]
+    assert rep["images"] == 24 and rep["skipped"] == [
+        {"image": "zz_broken.jpg", "error": "not an image file PIL can read"}
+    ]
     with pytest.raises(CaptioningError, match=r"1 of 25 images could not be read \(first: zz_broken.jpg"):
         extract_features(SPEC, images, keys, tmp_path / "g.h5", batch_size=8, max_bad_fraction=0.01, progress=False)
     assert not (tmp_path / "g.h5").exists()

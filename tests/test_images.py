@@ -21,6 +21,7 @@ def make(tmp_path):
         path = tmp_path / name
         build(path)
         return path
+
     return _make
 
 
@@ -40,7 +41,7 @@ GOOD = {
 def test_readable_images_become_rgb(make, name):
     arr = load_image(make(name, GOOD[name]), 16)
     assert arr.shape == (16, 16, 3) and arr.dtype == np.float32
-    assert 0 <= arr.min() and arr.max() <= 255
+    assert arr.min() >= 0 and arr.max() <= 255
 
 
 def test_colours_survive_conversion(make):
@@ -52,6 +53,7 @@ def test_colours_survive_conversion(make):
 def test_exif_orientation_turns_the_photo_upright(make):
     """Stored sideways (red left, blue right) with Orientation 6 = shown turned 90 degrees clockwise:
     red on top, blue below, as any photo viewer shows it."""
+
     def build(p):
         img = Image.new("RGB", (40, 20), (255, 0, 0))
         img.paste((0, 0, 255), (20, 0, 40, 20))
@@ -83,7 +85,10 @@ BAD = {
     "zero.jpg": (lambda p: p.write_bytes(b""), "not an image"),
     "text.jpg": (lambda p: p.write_text("just some text, not a photo"), "not an image"),
     "truncated.jpg": (lambda p: p.write_bytes(jpeg_bytes((400, 300))[:600]), "cannot decode"),
-    "corrupt.jpg": (lambda p: p.write_bytes(jpeg_bytes()[:20] + b"\x00" * 200 + jpeg_bytes()[220:]), "cannot decode|not an image"),
+    "corrupt.jpg": (
+        lambda p: p.write_bytes(jpeg_bytes()[:20] + b"\x00" * 200 + jpeg_bytes()[220:]),
+        "cannot decode|not an image",
+    ),
 }
 
 

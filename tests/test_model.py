@@ -9,8 +9,16 @@ from captioning.model import Captioner, masked_loss
 
 def tiny(attention=True, **kw):
     tf.keras.utils.set_random_seed(0)
-    m = Captioner(vocab_size=11, feature_dim=6, num_locations=4, embed_dim=5, units=7,
-                  attention=attention, attention_units=3, **kw)
+    m = Captioner(
+        vocab_size=11,
+        feature_dim=6,
+        num_locations=4,
+        embed_dim=5,
+        units=7,
+        attention=attention,
+        attention_units=3,
+        **kw,
+    )
     m.build()
     return m
 

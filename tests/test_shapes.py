@@ -65,32 +65,37 @@ COL = scene("col", RED, BLUE)  # red circle above, blue square below
 ROW3 = scene("row", RED, BLUE, GREEN)
 
 
-@pytest.mark.parametrize("truth, caption, objects, layout", [
-    (ROW, "a small red circle to the left of a large blue square", True, True),
-    (ROW, "a large blue square to the right of a small red circle", True, True),
-    (ROW, "to the right of a small red circle is a large blue square", True, True),
-    (ROW, "there is a small red circle and a large blue square to its right", True, True),
-    (ROW, "a small red circle and a large blue square", True, True),
-    (ROW, "a large blue square and a small red circle", True, False),  # named against reading order
-    (ROW, "a large blue square to the left of a small red circle", True, False),
-    (ROW, "a small red circle above a large blue square", True, False),  # a column relation in a row
-    (ROW, "a large blue square above a small red circle", True, False),  # the example
-    (ROW, "a small red circle", False, False),
-    (ROW, "a small blue circle to the left of a large blue square", False, False),
-    (COL, "a small red circle above a large blue square", True, True),
-    (COL, "below a small red circle is a large blue square", True, True),
-    (COL, "there is a small red circle and a large blue square beneath it", True, True),
-    (COL, "a large blue square below a small red circle", True, True),
-    (COL, "a small red circle on top of a large blue square on a gray background", True, True),
-    (COL, "a large blue square above a small red circle", True, False),
-    (COL, "a small red circle to the left of a large blue square", True, False),
-    (ROW3, "from left to right a small red circle, a large blue square and a small green diamond", True, True),
-    (ROW3, "a small red circle, a small green diamond and a large blue square", True, False),
-    (ROW3, "a small red circle, a large blue square and a small green diamond in a column", True, False),
-    (scene("col", RED), "a small red circle on a white background", True, True),
-])
+@pytest.mark.parametrize(
+    "truth, caption, objects, layout",
+    [
+        (ROW, "a small red circle to the left of a large blue square", True, True),
+        (ROW, "a large blue square to the right of a small red circle", True, True),
+        (ROW, "to the right of a small red circle is a large blue square", True, True),
+        (ROW, "there is a small red circle and a large blue square to its right", True, True),
+        (ROW, "a small red circle and a large blue square", True, True),
+        (ROW, "a large blue square and a small red circle", True, False),  # named against reading order
+        (ROW, "a large blue square to the left of a small red circle", True, False),
+        (ROW, "a small red circle above a large blue square", True, False),  # a column relation in a row
+        (ROW, "a large blue square above a small red circle", True, False),  # the example
+        (ROW, "a small red circle", False, False),
+        (ROW, "a small blue circle to the left of a large blue square", False, False),
+        (COL, "a small red circle above a large blue square", True, True),
+        (COL, "below a small red circle is a large blue square", True, True),
+        (COL, "there is a small red circle and a large blue square beneath it", True, True),
+        (COL, "a large blue square below a small red circle", True, True),
+        (COL, "a small red circle on top of a large blue square on a gray background", True, True),
+        (COL, "a large blue square above a small red circle", True, False),
+        (COL, "a small red circle to the left of a large blue square", True, False),
+        (ROW3, "from left to right a small red circle, a large blue square and a small green diamond", True, True),
+        (ROW3, "a small red circle, a small green diamond and a large blue square", True, False),
+        (ROW3, "a small red circle, a large blue square and a small green diamond in a column", True, False),
+        (scene("col", RED), "a small red circle on a white background", True, True),
+    ],
+)
 def test_object_and_layout_accuracy_on_hand_written_captions(truth, caption, objects, layout):
     assert shapes.content_correct(caption, truth) is objects
     assert shapes.layout_correct(caption, truth) is layout
-    assert shapes.scene_accuracy({"x": caption}, {"x": truth}) == {"object_accuracy": float(objects),
-                                                                   "layout_accuracy": float(layout)}
+    assert shapes.scene_accuracy({"x": caption}, {"x": truth}) == {
+        "object_accuracy": float(objects),
+        "layout_accuracy": float(layout),
+    }

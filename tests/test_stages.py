@@ -26,20 +26,76 @@ def pipeline(tmp_path, tiny_params, monkeypatch):
     params, _ = tiny_params
     p = lambda *a: ["--params", params, *a]  # noqa: E731
     outs = {"gen": invoke(generate, p("--out-dir", "data/shapes"))}
-    outs["prepare"] = invoke(prepare, p("--captions", "data/shapes/dataset_shapes.json", "--images", "data/shapes/images",
-                                        "--out", "data/dataset.json", "--report", "reports/prepare.json"))
-    outs["features"] = invoke(features, p("--dataset", "data/dataset.json", "--images", "data/shapes/images",
-                                          "--out", "data/features.h5", "--report", "reports/features.json", "--no-progress"))
-    outs["vocab"] = invoke(vocab, p("--dataset", "data/dataset.json", "--vocab", "data/vocab.json",
-                                    "--captions", "data/captions.h5"))
-    outs["train"] = invoke(train, p("--features", "data/features.h5", "--vocab", "data/vocab.json",
-                                    "--captions", "data/captions.h5", "--model", "models/m.keras",
-                                    "--config", "models/config.json", "--checkpoint", "ckpt",
-                                    "--live-dir", "reports/train", "--no-progress"))
-    outs["evaluate"] = invoke(evaluate, p("--model", "models/m.keras", "--vocab", "data/vocab.json",
-                                          "--features", "data/features.h5", "--dataset", "data/dataset.json",
-                                          "--truth", "data/shapes/ground_truth.json", "--metrics", "reports/metrics.json",
-                                          "--predictions", "reports/predictions.json", "--no-progress"))
+    outs["prepare"] = invoke(
+        prepare,
+        p(
+            "--captions",
+            "data/shapes/dataset_shapes.json",
+            "--images",
+            "data/shapes/images",
+            "--out",
+            "data/dataset.json",
+            "--report",
+            "reports/prepare.json",
+        ),
+    )
+    outs["features"] = invoke(
+        features,
+        p(
+            "--dataset",
+            "data/dataset.json",
+            "--images",
+            "data/shapes/images",
+            "--out",
+            "data/features.h5",
+            "--report",
+            "reports/features.json",
+            "--no-progress",
+        ),
+    )
+    outs["vocab"] = invoke(
+        vocab, p("--dataset", "data/dataset.json", "--vocab", "data/vocab.json", "--captions", "data/captions.h5")
+    )
+    outs["train"] = invoke(
+        train,
+        p(
+            "--features",
+            "data/features.h5",
+            "--vocab",
+            "data/vocab.json",
+            "--captions",
+            "data/captions.h5",
+            "--model",
+            "models/m.keras",
+            "--config",
+            "models/config.json",
+            "--checkpoint",
+            "ckpt",
+            "--live-dir",
+            "reports/train",
+            "--no-progress",
+        ),
+    )
+    outs["evaluate"] = invoke(
+        evaluate,
+        p(
+            "--model",
+            "models/m.keras",
+            "--vocab",
+            "data/vocab.json",
+            "--features",
+            "data/features.h5",
+            "--dataset",
+            "data/dataset.json",
+            "--truth",
+            "data/shapes/ground_truth.json",
+            "--metrics",
+            "reports/metrics.json",
+            "--predictions",
+            "reports/predictions.json",
+            "--no-progress",
+        ),
+    )
     return tmp_path, outs
 
 
@@ -70,10 +126,17 @@ def test_stages_end_to_end(pipeline):
     assert ("SPICE" in metrics) is spice and ("SPICE skipped" in outs["evaluate"]) is not spice
     assert metrics["mean_log_prob"] == pytest.approx(np.mean([p["log_prob"] for p in preds]), abs=1e-6)
     assert metrics["mean_log_prob"] < 0
-    assert {k: metrics[k] for k in ("images", "images_without_features", "split", "beam_size", "max_length",
-                                    "length_penalty")} == {"images": 4, "images_without_features": 0,
-                                                           "split": "test", "beam_size": 2, "max_length": 8,
-                                                           "length_penalty": 0.0}
+    assert {
+        k: metrics[k]
+        for k in ("images", "images_without_features", "split", "beam_size", "max_length", "length_penalty")
+    } == {
+        "images": 4,
+        "images_without_features": 0,
+        "split": "test",
+        "beam_size": 2,
+        "max_length": 8,
+        "length_penalty": 0.0,
+    }
     # dvc metrics show prints the saved model's epoch (the best), not the last one
     train_metrics = json.loads((root / "reports/train/metrics.json").read_text())
     state = json.loads((root / "ckpt/state.json").read_text())
@@ -111,22 +174,46 @@ def test_caption_features_match_the_stored_ones(pipeline):
     cfg = json.loads((root / "models/config.json").read_text())
     spec = EncoderSpec(**{k: cfg["encoder"][k] for k in EncoderSpec.__dataclass_fields__})
     key = store.keys[0]
-    spatial, _ = make_forward(*build_encoder(spec))(load_image(root / "data/shapes/images" / key, spec.image_size)[None])
+    spatial, _ = make_forward(*build_encoder(spec))(
+        load_image(root / "data/shapes/images" / key, spec.image_size)[None]
+    )
     np.testing.assert_allclose(spatial.numpy()[0], store.load([key])[0], rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"train": {"units": "many"}}, "train.units: expected an integer, got 'many'"),
-    ({"train": {"dropout": 1.5}}, "train.dropout: must be <= 0.95, got 1.5"),
-    ({"train": {"unit": 3}}, "train.unit: unknown setting"),
-    ({"seed": -1}, "seed: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"train": {"units": "many"}}, "train.units: expected an integer, got 'many'"),
+        ({"train": {"dropout": 1.5}}, "train.dropout: must be <= 0.95, got 1.5"),
+        ({"train": {"unit": 3}}, "train.unit: unknown setting"),
+        ({"seed": -1}, "seed: must be >= 0"),
+    ],
+)
 def test_bad_params_get_one_clear_message(tmp_path, tiny_params, edit, message):
     path, base = tiny_params
     data = {**base, **{k: ({**base[k], **v} if isinstance(v, dict) else v) for k, v in edit.items()}}
     path.write_text(yaml.safe_dump(data))
-    result = CliRunner().invoke(train.main, ["--params", str(path), "--features", "f", "--vocab", "v", "--captions", "c",
-                                             "--model", "m", "--config", "c", "--checkpoint", "k", "--live-dir", "l"])
+    result = CliRunner().invoke(
+        train.main,
+        [
+            "--params",
+            str(path),
+            "--features",
+            "f",
+            "--vocab",
+            "v",
+            "--captions",
+            "c",
+            "--model",
+            "m",
+            "--config",
+            "c",
+            "--checkpoint",
+            "k",
+            "--live-dir",
+            "l",
+        ],
+    )
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: {message}" or result.output.strip().startswith(f"Error: {message}")
     assert "Traceback" not in result.output
@@ -135,6 +222,23 @@ def test_bad_params_get_one_clear_message(tmp_path, tiny_params, edit, message):
 def test_unknown_split_param(tmp_path, tiny_params):
     path, base = tiny_params
     path.write_text(yaml.safe_dump({**base, "evaluate": {**base["evaluate"], "split": "tst"}}))
-    result = CliRunner().invoke(evaluate.main, ["--params", str(path), "--model", "m", "--vocab", "v", "--features", "f",
-                                                "--dataset", "d", "--metrics", "m", "--predictions", "p"])
+    result = CliRunner().invoke(
+        evaluate.main,
+        [
+            "--params",
+            str(path),
+            "--model",
+            "m",
+            "--vocab",
+            "v",
+            "--features",
+            "f",
+            "--dataset",
+            "d",
+            "--metrics",
+            "m",
+            "--predictions",
+            "p",
+        ],
+    )
     assert result.exit_code == 1 and "evaluate.split: must be one of train, val, test; got 'tst'" in result.output

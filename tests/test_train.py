@@ -1,5 +1,6 @@
 """Training: learns, resumes after SIGKILL from the last checkpoint, and is deterministic."""
 
+import contextlib
 import json
 import os
 import signal
@@ -31,8 +32,7 @@ def make_model(seed=0):
     from captioning.cli import seed_everything
 
     seed_everything(seed)  # as the train stage does: seeded, deterministic TF ops
-    return Captioner(vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, attention_units=4,
-                     dropout=0.1)
+    return Captioner(vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, attention_units=4, dropout=0.1)
 
 
 # lr_decay < 1: the kill-and-resume test then also checks the rate is restored per epoch.
@@ -43,26 +43,43 @@ def test_fit_learns_and_keeps_best_weights(tmp_path):
     train, val = toy_sets()
     m = make_model()
     logged = []
-    state = fit(m, train, val, SETTINGS, tmp_path / "ckpt", on_epoch=lambda e, mt: logged.append(e), progress=False,
-                log=lambda s: None)
+    state = fit(
+        m,
+        train,
+        val,
+        SETTINGS,
+        tmp_path / "ckpt",
+        on_epoch=lambda e, mt: logged.append(e),
+        progress=False,
+        log=lambda s: None,
+    )
     assert logged == [1, 2, 3, 4, 5, 6] and state["complete"]
     losses = [h["val_loss"] for h in state["history"]]
     assert losses[-1] < losses[0] * 0.5
     assert round(state["best_val_loss"], 6) == min(losses) and state["best_epoch"] == 6
-    assert [h["learning_rate"] for h in state["history"]] == [float(f"{0.05 * 0.9 ** e:.6g}") for e in range(6)]
+    assert [h["learning_rate"] for h in state["history"]] == [float(f"{0.05 * 0.9**e:.6g}") for e in range(6)]
 
 
 def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
     """Val captions name the *next* colour: val loss first falls (the caption's frame is learned),
     then rises as the train mapping is learned, until patience stops the run."""
     train, val = toy_sets()
-    val = CaptionSet(val.features, np.array([[1, 4, 5 + (t[2] - 4) % 3, 2] for t in val.tokens], "int32"),
-                     val.image_rows)
+    val = CaptionSet(
+        val.features, np.array([[1, 4, 5 + (t[2] - 4) % 3, 2] for t in val.tokens], "int32"), val.image_rows
+    )
     settings = FitSettings(batch_size=8, learning_rate=0.05, epochs=12, patience=2, seed=3)
     m = make_model()
     weights_after = {}
-    state = fit(m, train, val, settings, tmp_path / "ckpt", progress=False, log=lambda s: None,
-                on_epoch=lambda e, _: weights_after.__setitem__(e, [w.numpy() for w in m.weights]))
+    state = fit(
+        m,
+        train,
+        val,
+        settings,
+        tmp_path / "ckpt",
+        progress=False,
+        log=lambda s: None,
+        on_epoch=lambda e, _: weights_after.__setitem__(e, [w.numpy() for w in m.weights]),
+    )
     losses = [h["val_loss"] for h in state["history"]]
     best = state["best_epoch"]
     assert state["epoch"] == best + settings.patience < settings.epochs  # stopped by patience
@@ -73,8 +90,15 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
 
     # The weights left in the model are those a run stopped at the best epoch ends with.
     at_best = make_model()
-    fit(at_best, train, val, FitSettings(**{**settings.__dict__, "epochs": best}), tmp_path / "b", progress=False,
-        log=lambda s: None)
+    fit(
+        at_best,
+        train,
+        val,
+        FitSettings(**{**settings.__dict__, "epochs": best}),
+        tmp_path / "b",
+        progress=False,
+        log=lambda s: None,
+    )
     for a, b in zip(m.weights, at_best.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     # ... which are the best epoch's, not the last epoch's
@@ -107,15 +131,14 @@ fit(make_model(), train, val, SETTINGS, {ckpt!r}, on_epoch=lambda e, m: time.sle
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     script = KILLABLE.format(tests=os.path.dirname(__file__), ckpt=str(ckpt))
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     epoch = 0
     while time.time() < deadline and proc.poll() is None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             epoch = json.loads((ckpt / "state.json").read_text())["epoch"]
-        except (OSError, ValueError):
-            pass
         if epoch >= 2:
             break
         time.sleep(0.05)
@@ -126,8 +149,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     train, val = toy_sets()
     messages, logged = [], []
     resumed = make_model()
-    state = fit(resumed, train, val, SETTINGS, ckpt, on_epoch=lambda e, m: logged.append(e), progress=False,
-                log=messages.append)
+    state = fit(
+        resumed, train, val, SETTINGS, ckpt, on_epoch=lambda e, m: logged.append(e), progress=False, log=messages.append
+    )
     assert messages[0].startswith("resuming from") and f"after epoch {epoch}" in messages[0]
     assert logged == [1, 2, 3, 4, 5, 6]  # history replayed, then continued
 
