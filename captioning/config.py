@@ -1,9 +1,11 @@
 """Typed, validated configuration sections.
 
-Each stage reads one section of its params file into one of these dataclasses. Validation
-happens once, when the stage starts: an unknown key, a wrong type or an out-of-range value
-gets one clear message naming the key (``train.units: expected an integer >= 1, got 'abc'``).
-The package itself never opens params.yaml; stages call :func:`load_params`.
+Each stage reads its sections of the params file into dataclasses that hold types and bounds
+only: params.yaml is the one home of every default, so a key missing there is an error naming
+it, as are an unknown key, a wrong type or an out-of-range value
+(``train.units: expected an integer, got 'abc'``). Validation happens once, when the stage
+starts, from one parse of the file. The package itself never opens params.yaml; stages call
+:func:`load_params`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ import yaml
 from .errors import CaptioningError
 
 
-def field(default, *, lo=None, hi=None, choices=None, doc=""):
-    """A dataclass field with validation metadata (inclusive ``lo``/``hi`` bounds)."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+def field(*, lo=None, hi=None, choices=None):
+    """A required dataclass field with validation metadata (inclusive ``lo``/``hi`` bounds)."""
+    return dataclasses.field(metadata={"lo": lo, "hi": hi, "choices": choices})
 
 
 def _check(name, value, tp, meta):
@@ -70,6 +69,9 @@ def from_dict(cls, data, section: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise CaptioningError(f"{section}.{unknown[0]}: unknown setting (known: {', '.join(sorted(fields))})")
+    missing = [k for k in fields if k not in data]
+    if missing:
+        raise CaptioningError(f"{section}.{missing[0]}: missing (params.yaml holds every setting)")
     hints = typing.get_type_hints(cls)
     values = {k: _check(f"{section}.{k}", v, hints[k], fields[k].metadata) for k, v in data.items()}
     obj = cls(**values)
@@ -80,9 +82,10 @@ def from_dict(cls, data, section: str):
 
 
 def load_params(path, sections: dict):
-    """Read ``path`` (YAML) and return ``{section: dataclass}`` for the requested sections.
+    """Read ``path`` (YAML) once and return ``{section: dataclass, ..., "seed": int}``.
 
-    ``sections`` maps a section name to its dataclass. Missing sections take defaults.
+    ``sections`` maps a section name to its dataclass; the shared top-level ``seed`` always
+    comes along.
     """
     path = Path(path)
     try:
@@ -97,10 +100,8 @@ def load_params(path, sections: dict):
         raise CaptioningError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise CaptioningError(f"{path}: expected a mapping of sections at the top level")
-    return {name: from_dict(cls, data.get(name), name) for name, cls in sections.items()}
-
-
-def load_seed(path) -> int:
-    """The shared top-level ``seed`` of a params file (default 0)."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return _check("seed", data.get("seed", 0), int, {"lo": 0})
+    if "seed" not in data:
+        raise CaptioningError(f"{path}: seed: missing (the shared seed of every stage)")
+    out = {name: from_dict(cls, data.get(name), name) for name, cls in sections.items()}
+    out["seed"] = _check("seed", data["seed"], int, {"lo": 0})
+    return out

@@ -23,8 +23,10 @@ counted in the report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +34,21 @@ import numpy as np
 from .errors import CaptioningError
 
 SPLITS = ("train", "val", "test")
-FORMATS = ("auto", "flickr_token", "flickr_csv", "flickr30k_csv", "coco", "karpathy")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 # Karpathy JSON uses "restval" for the COCO val images moved into training.
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 FLICKR_SPLIT_FILES = {"train": "trainImages", "val": "devImages", "test": "testImages"}
 _TOKEN_KEY = re.compile(r"^(?P<image>.+?)#(?P<n>\d+)$")
+
+
+@dataclasses.dataclass
+class Parsed:
+    """What a parser read: ``rows`` [(image, caption, line or None)], and what the file itself says
+    of splits ({image: split}) and of scene ground truth ({image: truth}; the generated data)."""
+
+    rows: list
+    splits: dict | None = None
+    truth: dict | None = None
 
 
 def read_lines(path):
@@ -70,7 +81,7 @@ def parse_flickr_token(path):
         if not m:
             raise CaptioningError(f"{path}:{n}: bad image key {key!r}: expected 'name.jpg#<number>'")
         rows.append((m["image"], caption, n))
-    return rows
+    return Parsed(rows)
 
 
 def _csv_rows(path, delimiter, header, n_fields):
@@ -99,7 +110,7 @@ def _csv_rows(path, delimiter, header, n_fields):
 
 def parse_flickr_csv(path):
     """``image,caption`` CSV (captions quoted when they hold commas)."""
-    return [(f[0], f[1], n) for f, n in _csv_rows(path, ",", ["image", "caption"], 2)]
+    return Parsed([(f[0], f[1], n) for f, n in _csv_rows(path, ",", ["image", "caption"], 2)])
 
 
 def parse_flickr30k_csv(path):
@@ -110,11 +121,11 @@ def parse_flickr30k_csv(path):
         if not f[1].isdigit():
             raise CaptioningError(f"{path}:{n}: comment_number {f[1]!r} is not a number")
         out.append((f[0], f[2], n))
-    return out
+    return Parsed(out)
 
 
 def _load_json(path):
-    from .io import read_json
+    from .files import read_json
 
     data = read_json(path)
     if not isinstance(data, dict):
@@ -142,15 +153,16 @@ def parse_coco(path):
                 f"{path}: annotations[{i}] (id {ann.get('id')}) refers to unknown image_id {ann['image_id']}"
             )
         rows.append((files[ann["image_id"]], str(ann["caption"]), None))
-    return rows
+    return Parsed(rows)
 
 
 def parse_karpathy(path):
-    """Karpathy split JSON -> ([(filepath/filename, caption, None)], {image: split})."""
+    """Karpathy split JSON: rows of (filepath/filename, caption, None), its splits, and the scene
+    ground truth of images that carry one (``"truth"``, written by the shapes generator)."""
     data = _load_json(path)
     if not isinstance(data.get("images"), list):
         raise CaptioningError(f"{path}: missing the 'images' list of a Karpathy split file")
-    rows, splits = [], {}
+    rows, splits, truth = [], {}, {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "filename" not in im or "sentences" not in im:
             raise CaptioningError(f"{path}: images[{i}] needs 'filename' and 'sentences'")
@@ -162,6 +174,8 @@ def parse_karpathy(path):
                 f" (expected one of {', '.join(KARPATHY_SPLITS)})"
             )
         splits[name] = KARPATHY_SPLITS[split]
+        if "truth" in im:
+            truth[name] = im["truth"]
         for s in im["sentences"]:
             raw = s.get("raw") if isinstance(s, dict) else None
             if raw is None and isinstance(s, dict) and "tokens" in s:
@@ -169,29 +183,48 @@ def parse_karpathy(path):
             if raw is None:
                 raise CaptioningError(f"{path}: images[{i}] ({name}) has a sentence without 'raw' or 'tokens'")
             rows.append((name, raw, None))
-    return rows, splits
+    return Parsed(rows, splits, truth or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    parse: Callable[[Path], Parsed]
+    detect: Callable[[str, dict | None], bool]  # (first line of a text file, or a JSON file's object)
+
+
+def _is_karpathy(data):
+    images = data.get("images")
+    return "annotations" not in data and isinstance(images, list) and ("dataset" in data or "sentences" in images[0])
+
+
+# Every layout a captions file can have: a new one is a parser and a line here.
+FORMATS = {
+    "flickr_token": Format(
+        parse_flickr_token, lambda first, js: js is None and "\t" in first and "#" in first.split("\t")[0]
+    ),
+    "flickr_csv": Format(parse_flickr_csv, lambda first, js: js is None and first.replace(" ", "") == "image,caption"),
+    "flickr30k_csv": Format(
+        parse_flickr30k_csv,
+        lambda first, js: js is None and first.replace(" ", "") == "image_name|comment_number|comment",
+    ),
+    "coco": Format(parse_coco, lambda first, js: js is not None and "annotations" in js),
+    "karpathy": Format(parse_karpathy, lambda first, js: js is not None and _is_karpathy(js)),
+}
 
 
 def detect_format(path) -> str:
-    """Guess the layout of a captions file from its name and first line."""
+    """Which entry of ``FORMATS`` a captions file is, from its name and first line (or its JSON)."""
     path = Path(path)
     if not path.is_file():
         raise CaptioningError(f"{path}: captions file not found")
     head = path.read_bytes()[:4096].decode("utf-8", errors="replace")
-    if path.suffix == ".json" or head.lstrip().startswith("{"):
-        data = _load_json(path)
-        if "annotations" in data:
-            return "coco"
-        if "images" in data and "dataset" in data or (data.get("images") and "sentences" in data["images"][0]):
-            return "karpathy"
+    data = _load_json(path) if path.suffix == ".json" or head.lstrip().startswith("{") else None
+    first = head.splitlines()[0].strip() if head and data is None else ""
+    for name, fmt in FORMATS.items():
+        if fmt.detect(first, data):
+            return name
+    if data is not None:
         raise CaptioningError(f"{path}: JSON file is neither COCO captions nor a Karpathy split")
-    first = head.splitlines()[0].strip() if head else ""
-    if first.replace(" ", "") == "image_name|comment_number|comment":
-        return "flickr30k_csv"
-    if first.replace(" ", "") == "image,caption":
-        return "flickr_csv"
-    if "\t" in first and "#" in first.split("\t")[0]:
-        return "flickr_token"
     raise CaptioningError(f"{path}:1: cannot tell the dataset layout from this line; set the format explicitly")
 
 
@@ -224,9 +257,9 @@ def seeded_split(names, ratios, seed):
     return out
 
 
-def load_splits(source, captions, fmt):
-    """``({image: split}, source kind)`` from ``source``, or ``(None, ...)`` when the captions
-    file carries no split and a seeded one is wanted. See the module docstring."""
+def load_splits(source, captions):
+    """``({image: split}, source kind)`` from ``source``; ``(None, "own")`` when ``source`` is the
+    captions file itself (its own split, or a seeded one). See the module docstring."""
     source = Path(source)
     if source.is_dir():
         found = read_split_files(source)
@@ -238,9 +271,9 @@ def load_splits(source, captions, fmt):
     if not source.is_file():
         raise CaptioningError(f"{source}: split source not found")
     if source.resolve() == Path(captions).resolve():
-        return (parse_karpathy(captions)[1], "karpathy") if fmt == "karpathy" else (None, "seeded")
+        return None, "own"  # the captions file's own split, or a seeded one
     if source.suffix == ".json" and detect_format(source) == "karpathy":
-        return parse_karpathy(source)[1], "karpathy"
+        return parse_karpathy(source).splits, "karpathy"
     raise CaptioningError(
         f"{source}: expected a folder of Flickr split lists, a Karpathy split JSON, or the captions file itself"
     )
@@ -258,21 +291,16 @@ def load_dataset(
     missing on disk.
     """
     captions, images = Path(captions), Path(images)
-    if fmt not in FORMATS:
-        raise CaptioningError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise CaptioningError(f"unknown dataset format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
     if not images.is_dir():
         raise CaptioningError(f"{images}: image directory not found")
     fmt = detect_format(captions) if fmt == "auto" else fmt
-    if fmt == "karpathy":
-        rows, _ = parse_karpathy(captions)
-    else:
-        rows = {
-            "flickr_token": parse_flickr_token,
-            "flickr_csv": parse_flickr_csv,
-            "flickr30k_csv": parse_flickr30k_csv,
-            "coco": parse_coco,
-        }[fmt](captions)
-    splits, split_source = load_splits(captions if splits is None else splits, captions, fmt)
+    parsed = FORMATS[fmt].parse(captions)
+    rows = parsed.rows
+    splits, split_source = load_splits(captions if splits is None else splits, captions)
+    if split_source == "own":
+        splits, split_source = (parsed.splits, fmt) if parsed.splits else (None, "seeded")
     if not rows:
         raise CaptioningError(f"{captions}: no captions found")
 
@@ -308,7 +336,10 @@ def load_dataset(
         if not (images / image).is_file():
             report["missing_images"].append(image)
             continue
-        records.append({"image": image, "split": splits[image], "captions": by_image[image]})
+        record = {"image": image, "split": splits[image], "captions": by_image[image]}
+        if parsed.truth and image in parsed.truth:
+            record["truth"] = parsed.truth[image]
+        records.append(record)
     for image, split in splits.items():
         if image not in by_image and split and (images / image).is_file():
             report["images_without_captions"].append(image)

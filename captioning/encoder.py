@@ -8,12 +8,12 @@ The features file holds, for every image (row ``i`` belongs to ``images[i]``):
 
 with the encoder's settings as file attributes, so the captioning command can rebuild the
 very same encoder. Extraction is resumable: finished chunks are kept in ``<out>.partial/``
-and reused after an interruption; the final file appears only when complete.
+and reused after an interruption; the final file appears only when complete. Reading the
+file back is :mod:`captioning.feature_store`'s job.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -23,37 +23,9 @@ import h5py
 import numpy as np
 
 from .errors import CaptioningError
+from .feature_store import BACKBONES, EncoderSpec
+from .files import atomic_path
 from .images import ImageError, load_image
-from .io import atomic_path
-
-# backbone -> (keras.applications constructor, preprocess module, default feature layer)
-BACKBONES = {
-    "vgg16": ("VGG16", "vgg16", "block5_conv3"),
-    "resnet50": ("ResNet50", "resnet50", "conv5_block3_out"),
-    "inceptionv3": ("InceptionV3", "inception_v3", "mixed10"),
-    "xception": ("Xception", "xception", "block14_sepconv2_act"),
-    "mobilenet": ("MobileNet", "mobilenet", "conv_pw_13_relu"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderSpec:
-    """Everything needed to rebuild an encoder exactly (stored as HDF5 attributes)."""
-
-    backbone: str = "vgg16"
-    weights: str = "none"  # "imagenet", "none" (random init from seed) or a weights file path
-    layer: str = ""  # "" = the backbone's last convolutional block
-    image_size: int = 224
-    alpha: float = 1.0  # MobileNet width multiplier
-    seed: int = 0
-
-    def resolved_layer(self) -> str:
-        return self.layer or BACKBONES[self.backbone][2]
-
-    def attrs(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layer"] = self.resolved_layer()
-        return d
 
 
 def build_encoder(spec: EncoderSpec):
@@ -273,35 +245,3 @@ def _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, n_total):
         "spatial_shape": list(spatial.shape),
         "pooled_shape": list(pooled.shape),
     }
-
-
-class FeatureStore:
-    """Read a features file: ``store.spec``, ``store.index[key]``, ``store.load(split_keys)``."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        try:
-            with h5py.File(self.path, "r") as f:
-                self.keys = list(f["images"].asstr()[:])
-                self.attrs = {
-                    k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()
-                }
-                self.num_locations, self.feature_dim = f["spatial"].shape[1:]
-        except (OSError, KeyError) as e:
-            raise CaptioningError(f"{self.path}: not a features file ({e})") from None
-        self.index = {k: i for i, k in enumerate(self.keys)}
-
-    @property
-    def spec(self) -> EncoderSpec:
-        names = {f.name for f in dataclasses.fields(EncoderSpec)}
-        return EncoderSpec(**{k: self.attrs[k] for k in names})
-
-    def load(self, keys, pooled=False):
-        """``(len(keys), L, C)`` spatial features (or ``(len(keys), C)`` pooled) as float32."""
-        missing = [k for k in keys if k not in self.index]
-        if missing:
-            raise CaptioningError(f"{self.path}: no features for {len(missing)} images (first: {missing[0]})")
-        rows = np.array([self.index[k] for k in keys], dtype=np.int64)
-        with h5py.File(self.path, "r") as f:
-            data = f["pooled" if pooled else "spatial"][:]  # one contiguous read beats fancy indexing
-        return data[rows].astype(np.float32)

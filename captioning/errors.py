@@ -7,8 +7,3 @@ is a bug and keeps its traceback.
 
 class CaptioningError(Exception):
     """A user-facing error: the message names the file (and line) or the parameter at fault."""
-
-
-def where(path, line=None) -> str:
-    """``path:line`` prefix for error messages."""
-    return f"{path}:{line}" if line is not None else f"{path}"

@@ -6,8 +6,8 @@ captions, all naming every object with its size, colour and shape, plus the spat
 relation between them. Objects are always named in reading order (left to right, top to
 bottom) and the wording varies around them: which object a caption starts with is then a
 fact about the image, not a coin toss a decoder cannot see until the relation words. The
-ground truth (objects, boxes, background) is kept so caption content can be scored exactly
-(:func:`content_correct`).
+ground truth (objects, boxes, layout, background) travels in each image's record, so caption
+content can be scored exactly (:func:`content_correct`, :func:`layout_correct`).
 
 Output layout is the Karpathy split JSON that real datasets use, so the generated data
 goes through the same ``prepare`` parser as Flickr8k or COCO.
@@ -173,14 +173,16 @@ def scene_captions(rng, truth, n_captions=5):
 
 
 def generate(out_dir, n_train, n_val, n_test, seed, image_size=64, n_captions=5):
-    """Write ``images/*.png``, ``dataset_shapes.json`` (Karpathy layout) and ``ground_truth.json``.
+    """Write ``images/*.png`` and return the dataset (Karpathy layout) describing them.
 
+    Every image record carries its scene ground truth under ``"truth"`` (objects, boxes,
+    layout, background), so it travels with the data through ``prepare`` to ``evaluate``.
     Deterministic: the same arguments give byte-identical files.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    images, truth = [], {}
+    images = []
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     for i, split in enumerate(splits):
         name = f"shapes_{i:05d}.png"
@@ -193,10 +195,10 @@ def generate(out_dir, n_train, n_val, n_test, seed, image_size=64, n_captions=5)
                 "imgid": i,
                 "split": split,
                 "sentences": [{"raw": c, "tokens": c.replace(",", " ,").split()} for c in caps],
+                "truth": gt,
             }
         )
-        truth[name] = gt
-    return {"dataset": "shapes", "images": images}, truth
+    return {"dataset": "shapes", "images": images}
 
 
 def objects_in(caption: str):

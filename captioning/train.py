@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from .errors import CaptioningError
-from .io import atomic_path
+from .files import atomic_path
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class FitSettings:
     lr_decay: float = 1.0  # learning rate multiplier per epoch: epoch e trains at lr * lr_decay**(e-1)
     epochs: int = 10
     patience: int = 3  # epochs without val-loss improvement before stopping
-    attention_reg: float = 0.01  # weight of the doubly stochastic attention term
+    attention_reg: float = 0.01  # weight of the decoder's own loss term (the attention prior)
     clip_norm: float = 5.0
     seed: int = 0
 
@@ -66,7 +66,7 @@ def _fingerprint(model, settings, train, val) -> str:
     not the path, so they are left out: a run can be resumed with a longer or shorter schedule."""
     h = hashlib.blake2b(digest_size=16)
     path = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("epochs", "patience")}
-    h.update(json.dumps([model.settings(), path], sort_keys=True).encode())
+    h.update(json.dumps([type(model).__name__, model.settings(), path], sort_keys=True).encode())
     for arr in (train.features, train.tokens, train.image_rows, val.features, val.tokens, val.image_rows):
         h.update(str(arr.shape).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
@@ -130,7 +130,7 @@ def fit(
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .model import masked_loss
+    from .decoders.base import masked_cross_entropy
 
     if len(train.tokens) == 0 or len(val.tokens) == 0:
         raise CaptioningError("training needs captions in both the train and the val split")
@@ -144,8 +144,10 @@ def fit(
     def train_step(feats, tokens, seed):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with tf.GradientTape() as tape:
-            logits, alphas = model.forward(feats, inputs, dropout_seed=seed)
-            loss = masked_loss(logits, targets, alphas, settings.attention_reg)
+            logits, aux = model.forward(feats, inputs, dropout_seed=seed)
+            loss = masked_cross_entropy(logits, targets)
+            if settings.attention_reg > 0:  # the decoder's own term (the attention prior)
+                loss += settings.attention_reg * model.extra_loss(aux, tf.cast(targets > 0, logits.dtype))
         grads = tape.gradient(loss, model.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))

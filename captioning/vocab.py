@@ -102,7 +102,7 @@ def save_encoded(path, splits):
     """Write ``{split: (image keys, token matrix)}`` to an HDF5 file (``<split>/images``, ``<split>/tokens``)."""
     import h5py
 
-    from .io import atomic_path
+    from .files import atomic_path
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for split, (images, tokens) in sorted(splits.items()):

@@ -5,62 +5,53 @@ import click
 from captioning import config
 from captioning.cli import seed_everything, user_errors
 from captioning.errors import CaptioningError
-from captioning.io import read_json, write_json
+from captioning.files import read_json, write_json
 
 
 @config.dataclasses.dataclass
 class Params:
-    split: str = config.field("test", choices=("train", "val", "test"))
-    beam_size: int = config.field(3, lo=1, hi=50, doc="1 = greedy")
-    max_length: int = config.field(20, lo=1, hi=200, doc="words per generated caption")
-    length_penalty: float = config.field(0.0, lo=0.0, hi=5.0, doc="score / length**alpha")
-    batch_size: int = config.field(64, lo=1)
+    split: str = config.field(choices=("train", "val", "test"))
+    beam_size: int = config.field(lo=1, hi=50)  # 1 = greedy
+    max_length: int = config.field(lo=1, hi=200)  # words per generated caption
+    length_penalty: float = config.field(lo=0.0, hi=5.0)  # score / length**alpha
+    batch_size: int = config.field(lo=1)
 
 
 @click.command()
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--model", "model_file", required=True, type=click.Path(dir_okay=False), help="Trained model (.keras).")
-@click.option("--vocab", "vocab_file", required=True, type=click.Path(dir_okay=False), help="Vocabulary JSON.")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Trained model folder.")
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features.")
 @click.option("--dataset", required=True, type=click.Path(dir_okay=False), help="Normalised dataset JSON (references).")
-@click.option(
-    "--truth",
-    type=click.Path(dir_okay=False),
-    help="Ground truth JSON of the generated data (object and layout accuracy).",
-)
 @click.option("--metrics", "metrics_out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="Predictions JSON to write.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @user_errors
-def main(params_file, model_file, vocab_file, features, dataset, truth, metrics_out, predictions, progress):
+def main(params_file, model_dir, features, dataset, metrics_out, predictions, progress):
     """Caption one split with batched beam search and score it with pycocoevalcap.
 
     BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when Stanford CoreNLP 3.6.0 is installed;
-    see README), the mean log-probability of the chosen captions, and, when TRUTH covers the
-    images (the generated data), object and layout accuracy. Split images the features stage
-    skipped are counted, not captioned.
+    see README), the mean log-probability of the chosen captions, and, when the dataset's
+    records carry scene ground truth (the generated data), object and layout accuracy. Split
+    images the features stage skipped are counted, not captioned.
     """
-    p = config.load_params(params_file, {"evaluate": Params})["evaluate"]
-    seed_everything(config.load_seed(params_file))
-    from captioning.decode import caption_features, load_captioner
-    from captioning.encoder import FeatureStore
+    params = config.load_params(params_file, {"evaluate": Params})
+    p, seed = params["evaluate"], params["seed"]
+    seed_everything(seed)
+    from captioning.decode import caption_features
+    from captioning.feature_store import FeatureStore
     from captioning.metrics import coco_scores
-    from captioning.shapes import scene_accuracy
-    from captioning.vocab import Vocabulary
+    from captioning.predict import load_model
 
     store = FeatureStore(features)
     in_split = [r for r in read_json(dataset)["images"] if r["split"] == p.split]
     records = [r for r in in_split if r["image"] in store.index]
     if not records:
         raise CaptioningError(f"{dataset}: no images with features in the '{p.split}' split")
-    model = load_captioner(model_file)
-    voc = Vocabulary.from_json(read_json(vocab_file))
-    if len(voc) != model.vocab_size:
-        raise CaptioningError(f"{vocab_file}: {len(voc)} words, but {model_file} was trained with {model.vocab_size}")
+    model = load_model(model_dir)
     keys = [r["image"] for r in records]
     hyps, log_probs = caption_features(
-        model,
-        voc,
+        model.decoder,
+        model.vocab,
         store.load(keys),
         beam_size=p.beam_size,
         max_length=p.max_length,
@@ -72,12 +63,10 @@ def main(params_file, model_file, vocab_file, features, dataset, truth, metrics_
     by_key = dict(zip(keys, hyps))
     scores = coco_scores(refs, by_key, log=click.echo)
     scores["mean_log_prob"] = round(sum(log_probs) / len(log_probs), 6)
-    if truth:
-        gt = read_json(truth)
-        if all(k in gt for k in keys):
-            scores.update(scene_accuracy(by_key, gt))
-        else:
-            click.echo(f"object and layout accuracy skipped: {truth} does not describe these images")
+    if all("truth" in r for r in records):  # the generated data knows what each image shows
+        from captioning.shapes import scene_accuracy
+
+        scores.update(scene_accuracy(by_key, {r["image"]: r["truth"] for r in records}))
     scores.update(
         images=len(keys),
         images_without_features=len(in_split) - len(records),

@@ -5,19 +5,19 @@ import click
 from captioning import config, encoder
 from captioning.cli import quiet_tensorflow, user_errors
 from captioning.errors import CaptioningError
-from captioning.io import read_json, write_json
+from captioning.files import read_json, write_json
 
 
 @config.dataclasses.dataclass
 class Params:
-    backbone: str = config.field("vgg16", choices=tuple(encoder.BACKBONES))
-    weights: str = config.field("none", doc="imagenet | none (random init from seed) | path to a .h5 file")
-    layer: str = config.field("", doc="feature layer; empty = the backbone's last conv block")
-    image_size: int = config.field(224, lo=32, hi=1024)
-    alpha: float = config.field(1.0, choices=(0.25, 0.5, 0.75, 1.0))
-    batch_size: int = config.field(32, lo=1, hi=4096)
-    dtype: str = config.field("float16", choices=("float16", "float32"))
-    max_bad_fraction: float = config.field(0.01, lo=0.0, hi=1.0)
+    backbone: str = config.field(choices=tuple(encoder.BACKBONES))
+    weights: str = config.field()  # imagenet | none (random init from seed) | path to a .h5 file
+    layer: str = config.field()  # feature layer; empty = the backbone's last conv block
+    image_size: int = config.field(lo=32, hi=1024)
+    alpha: float = config.field(choices=(0.25, 0.5, 0.75, 1.0))  # MobileNet width
+    batch_size: int = config.field(lo=1, hi=4096)
+    dtype: str = config.field(choices=("float16", "float32"))
+    max_bad_fraction: float = config.field(lo=0.0, hi=1.0)
 
 
 @click.command()
@@ -36,8 +36,8 @@ def main(params_file, dataset, images, out, report, progress):
     chunks kept in OUT.partial/. Unreadable images are skipped and listed in REPORT.
     """
     quiet_tensorflow()
-    p = config.load_params(params_file, {"features": Params})["features"]
-    seed = config.load_seed(params_file)
+    params = config.load_params(params_file, {"features": Params})
+    p, seed = params["features"], params["seed"]
     keys = [r["image"] for r in read_json(dataset)["images"]]
     if not keys:
         raise CaptioningError(f"{dataset}: no images")

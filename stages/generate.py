@@ -6,16 +6,16 @@ import click
 
 from captioning import config, shapes
 from captioning.cli import user_errors
-from captioning.io import atomic_path
+from captioning.files import atomic_path
 
 
 @config.dataclasses.dataclass
 class Params:
-    n_train: int = config.field(2400, lo=1)
-    n_val: int = config.field(300, lo=1)
-    n_test: int = config.field(300, lo=1)
-    image_size: int = config.field(64, lo=32, hi=1024)
-    captions_per_image: int = config.field(5, lo=1, hi=6)
+    n_train: int = config.field(lo=1)
+    n_val: int = config.field(lo=1)
+    n_test: int = config.field(lo=1)
+    image_size: int = config.field(lo=32, hi=1024)
+    captions_per_image: int = config.field(lo=1, hi=6)
 
 
 @click.command()
@@ -25,14 +25,14 @@ class Params:
 def main(params_file, out_dir):
     """Generate the offline default dataset: coloured shapes with several reference captions each.
 
-    Writes OUT_DIR/images/*.png, OUT_DIR/dataset_shapes.json (Karpathy split layout) and
-    OUT_DIR/ground_truth.json (objects and attributes, for content accuracy). Deterministic from
-    the seed: the same params give byte-identical files.
+    Writes OUT_DIR/images/*.png and OUT_DIR/dataset_shapes.json (Karpathy split layout), whose
+    image records also carry each scene's ground truth (for object and layout accuracy).
+    Deterministic from the seed: the same params give byte-identical files.
     """
-    p = config.load_params(params_file, {"generate": Params})["generate"]
-    seed = config.load_seed(params_file)
+    params = config.load_params(params_file, {"generate": Params})
+    p, seed = params["generate"], params["seed"]
     with atomic_path(out_dir) as tmp:
-        dataset, truth = shapes.generate(
+        dataset = shapes.generate(
             tmp,
             n_train=p.n_train,
             n_val=p.n_val,
@@ -41,8 +41,7 @@ def main(params_file, out_dir):
             image_size=p.image_size,
             n_captions=p.captions_per_image,
         )
-        for name, obj in (("dataset_shapes.json", dataset), ("ground_truth.json", truth)):
-            (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "dataset_shapes.json").write_text(json.dumps(dataset, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     n = len(dataset["images"])
     click.echo(
         f"generate: {n} images ({p.n_train} train / {p.n_val} val / {p.n_test} test),"

@@ -4,13 +4,13 @@ import click
 
 from captioning import config, datasets
 from captioning.cli import user_errors
-from captioning.io import write_json
+from captioning.files import write_json
 
 
 @config.dataclasses.dataclass
 class Params:
-    split_ratios: list[float] = config.field([0.8, 0.1, 0.1], doc="train/val/test when the data has no split")
-    max_bad_fraction: float = config.field(0.01, lo=0.0, hi=1.0)
+    split_ratios: list[float] = config.field()  # train/val/test when the data has no split
+    max_bad_fraction: float = config.field(lo=0.0, hi=1.0)
 
     def validate(self, section):
         r = self.split_ratios
@@ -30,7 +30,7 @@ class Params:
     help="Where the splits come from: a folder of Flickr_*Images.txt lists, a Karpathy JSON, or"
     " the captions file itself (its own split, else seeded). Default: the captions file.",
 )
-@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(datasets.FORMATS))
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(("auto", *datasets.FORMATS)))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Normalised dataset JSON to write.")
 @click.option("--report", required=True, type=click.Path(dir_okay=False), help="JSON report of what was skipped.")
 @user_errors
@@ -42,8 +42,8 @@ def main(params_file, captions, images, splits, fmt, out, report):
     from SPLITS only: Flickr split lists, a Karpathy JSON, or a seeded split.
     Missing images, empty and duplicate captions are skipped and counted in REPORT.
     """
-    p = config.load_params(params_file, {"prepare": Params})["prepare"]
-    seed = config.load_seed(params_file)
+    params = config.load_params(params_file, {"prepare": Params})
+    p, seed = params["prepare"], params["seed"]
     records, rep = datasets.load_dataset(
         captions,
         images,

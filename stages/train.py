@@ -1,28 +1,31 @@
-"""Stage: train the GRU caption decoder on cached features (see ``main``)."""
+"""Stage: train a caption decoder on cached features (see ``main``)."""
 
 import click
 import numpy as np
 
 from captioning import config
 from captioning.cli import seed_everything, user_errors
-from captioning.io import atomic_path, read_json, write_json
+from captioning.files import atomic_path, read_json
 
 
 @config.dataclasses.dataclass
 class Params:
-    attention: bool = config.field(True, doc="soft attention over the feature map; false = image as initial state")
-    blind: bool = config.field(False, doc="zero the image features (the no-image baseline)")
-    embed_dim: int = config.field(256, lo=1)
-    units: int = config.field(512, lo=1)
-    attention_units: int = config.field(256, lo=1)
-    dropout: float = config.field(0.3, lo=0.0, hi=0.95)
-    attention_reg: float = config.field(0.01, lo=0.0, doc="doubly stochastic attention weight")
-    batch_size: int = config.field(64, lo=1)
-    learning_rate: float = config.field(1e-3, lo=1e-7, hi=1.0)
-    lr_decay: float = config.field(1.0, lo=0.01, hi=1.0, doc="learning rate multiplier per epoch")
-    epochs: int = config.field(10, lo=1)
-    patience: int = config.field(3, lo=1)
-    clip_norm: float = config.field(5.0, lo=0.0)
+    decoder: str = config.field(choices=("gru", "lstm", "transformer"))  # captioning.decoders.DECODERS
+    attention: bool = config.field()  # soft attention over the feature map; false = image as initial state
+    blind: bool = config.field()  # zero the image features (the no-image baseline)
+    embed_dim: int = config.field(lo=1)
+    units: int = config.field(lo=1)
+    attention_units: int = config.field(lo=1)
+    num_layers: int = config.field(lo=1, hi=24)
+    num_heads: int = config.field(lo=1, hi=64)
+    dropout: float = config.field(lo=0.0, hi=0.95)
+    attention_reg: float = config.field(lo=0.0)  # weight of the decoder's own term (the attention prior)
+    batch_size: int = config.field(lo=1)
+    learning_rate: float = config.field(lo=1e-7, hi=1.0)
+    lr_decay: float = config.field(lo=0.01, hi=1.0)  # learning rate multiplier per epoch
+    epochs: int = config.field(lo=1)
+    patience: int = config.field(lo=1)
+    clip_norm: float = config.field(lo=0.0)
 
 
 def load_split(store, captions_h5, split):
@@ -48,45 +51,49 @@ def load_split(store, captions_h5, split):
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features (features stage).")
 @click.option("--vocab", "vocab_file", required=True, type=click.Path(dir_okay=False), help="Vocabulary JSON.")
 @click.option("--captions", required=True, type=click.Path(dir_okay=False), help="Encoded captions HDF5.")
-@click.option("--model", "model_out", required=True, type=click.Path(dir_okay=False), help="Model to write (.keras).")
 @click.option(
-    "--config", "config_out", required=True, type=click.Path(dir_okay=False), help="Model config JSON to write."
+    "--model-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Model folder to write (weights, config, vocab).",
 )
 @click.option("--checkpoint", required=True, type=click.Path(file_okay=False), help="Resumable checkpoint folder.")
 @click.option("--live-dir", required=True, type=click.Path(file_okay=False), help="dvclive folder (metrics, plots).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @user_errors
-def main(params_file, features, vocab_file, captions, model_out, config_out, checkpoint, live_dir, progress):
-    """Train the GRU decoder (soft attention optional) on cached CNN features.
+def main(params_file, features, vocab_file, captions, model_dir, checkpoint, live_dir, progress):
+    """Train a caption decoder (train.decoder: gru, lstm or transformer) on cached CNN features.
 
-    Masked cross-entropy plus the doubly stochastic attention term, early stopping on val
-    loss, best weights kept. Checkpoints every epoch to CHECKPOINT and resumes from it after
-    an interruption. Curves go to LIVE_DIR through dvclive; the model is saved in Keras format
-    with its config (model settings, encoder settings) in CONFIG.
+    Masked cross-entropy plus the decoder's own term (the doubly stochastic attention prior
+    for the recurrent decoders with attention), early stopping on val loss, best weights kept.
+    Checkpoints every epoch to CHECKPOINT and resumes from it after an interruption. Curves go
+    to LIVE_DIR through dvclive. MODEL_DIR gets the decoder, its config (decoder and encoder
+    settings) and its vocabulary: everything needed to caption with it.
     """
-    p = config.load_params(params_file, {"train": Params})["train"]
-    seed = config.load_seed(params_file)
+    params = config.load_params(params_file, {"train": Params})
+    p, seed = params["train"], params["seed"]
     seed_everything(seed)
     from dvclive import Live
 
-    from captioning.encoder import FeatureStore
-    from captioning.model import Captioner
+    from captioning.decoders import DECODERS, build_decoder
+    from captioning.errors import CaptioningError
+    from captioning.feature_store import FeatureStore
+    from captioning.predict import save_model
     from captioning.train import LOGGED, FitSettings, best_epoch_metrics, fit
     from captioning.vocab import Vocabulary
 
+    if p.decoder == "transformer" and not p.attention:
+        raise CaptioningError("train.attention: the transformer reads the image only through attention; set it true")
     store = FeatureStore(features)
     voc = Vocabulary.from_json(read_json(vocab_file))
     train_set, val_set = load_split(store, captions, "train"), load_split(store, captions, "val")
-    model = Captioner(
+    model = build_decoder(
+        p.decoder,
         vocab_size=len(voc),
         feature_dim=store.feature_dim,
         num_locations=store.num_locations,
-        embed_dim=p.embed_dim,
-        units=p.units,
-        attention=p.attention,
-        attention_units=p.attention_units,
-        dropout=p.dropout,
         blind=p.blind,
+        **{k: getattr(p, k) for k in DECODERS[p.decoder].SETTINGS},
     )
     settings = FitSettings(
         batch_size=p.batch_size,
@@ -94,7 +101,7 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
         lr_decay=p.lr_decay,
         epochs=p.epochs,
         patience=p.patience,
-        attention_reg=p.attention_reg if p.attention else 0.0,
+        attention_reg=p.attention_reg,
         clip_norm=p.clip_norm,
         seed=seed,
     )
@@ -111,23 +118,23 @@ def main(params_file, features, vocab_file, captions, model_out, config_out, che
         # metrics.json (what `dvc metrics show` prints) describes the saved model: the best
         # epoch, logged at dvclive step best_epoch - 1; the curves keep every epoch.
         live.summary = {**best_epoch_metrics(state), "step": state["best_epoch"] - 1}
-    with atomic_path(model_out, suffix=".keras") as tmp:
-        model.save(tmp)
-    write_json(
-        config_out,
-        {
-            "model": model.settings(),
-            "encoder": store.spec.attrs(),
-            "feature_dtype": str(store.attrs.get("dtype", "float32")),
-            "vocab_size": len(voc),
-            "best_epoch": state["best_epoch"],
-            "best_val_loss": round(state["best_val_loss"], 6),
-        },
-    )
+    with atomic_path(model_dir) as tmp:
+        save_model(
+            tmp,
+            model,
+            p.decoder,
+            voc,
+            {
+                "encoder": store.spec.attrs(),
+                "feature_dtype": str(store.attrs.get("dtype", "float32")),
+                "best_epoch": state["best_epoch"],
+                "best_val_loss": round(state["best_val_loss"], 6),
+            },
+        )
     secs = sum(m["seconds"] for m in state["history"])
     click.echo(
-        f"train: {state['epoch']} epochs ({secs:.0f}s), best val_loss {state['best_val_loss']:.4f}"
-        f" at epoch {state['best_epoch']}, {model.count_params()} params -> {model_out}"
+        f"train: {p.decoder}, {state['epoch']} epochs ({secs:.0f}s), best val_loss {state['best_val_loss']:.4f}"
+        f" at epoch {state['best_epoch']}, {model.count_params()} params -> {model_dir}"
     )
 
 

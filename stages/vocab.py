@@ -4,13 +4,13 @@ import click
 
 from captioning import config, vocab
 from captioning.cli import user_errors
-from captioning.io import read_json, write_json
+from captioning.files import read_json, write_json
 
 
 @config.dataclasses.dataclass
 class Params:
-    min_count: int = config.field(1, lo=1, doc="keep words seen at least this often in train captions")
-    max_length: int = config.field(20, lo=1, hi=200, doc="words kept per caption")
+    min_count: int = config.field(lo=1)  # keep words seen at least this often in train captions
+    max_length: int = config.field(lo=1, hi=200)  # words kept per caption
 
 
 @click.command()

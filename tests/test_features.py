@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from captioning.encoder import EncoderSpec, FeatureStore, extract_features
+from captioning.encoder import extract_features
 from captioning.errors import CaptioningError
+from captioning.feature_store import EncoderSpec, FeatureStore
 
 SPEC = EncoderSpec(backbone="vgg16", weights="none", layer="block3_pool", image_size=32, seed=1)
 
@@ -66,7 +67,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path, shapes_dir):
 
 KILLABLE = """
 import sys, time
-from captioning.encoder import EncoderSpec, extract_features
+from captioning.encoder import extract_features
+from captioning.feature_store import EncoderSpec
 spec = EncoderSpec(**{spec})
 keys = {keys}
 # slow each chunk down so the parent can kill us part-way, deterministically

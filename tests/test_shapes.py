@@ -20,18 +20,18 @@ def digest(folder):
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     outs = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        ds, truth = shapes.generate(tmp_path / name, 6, 2, 2, seed=seed, image_size=32)
-        (tmp_path / name / "d.json").write_text(json.dumps([ds, truth], sort_keys=True))
+        ds = shapes.generate(tmp_path / name, 6, 2, 2, seed=seed, image_size=32)
+        (tmp_path / name / "d.json").write_text(json.dumps(ds, sort_keys=True))
         outs.append(digest(tmp_path / name))
     assert outs[0] == outs[1] != outs[2]
 
 
 def test_every_caption_names_every_object(tmp_path):
-    ds, truth = shapes.generate(tmp_path, 40, 5, 5, seed=0, image_size=32, n_captions=5)
+    ds = shapes.generate(tmp_path, 40, 5, 5, seed=0, image_size=32, n_captions=5)
     assert [im["split"] for im in ds["images"]].count("val") == 5
     counts = set()
     for im in ds["images"]:
-        gt = truth[im["filename"]]
+        gt = im["truth"]  # the ground truth travels in the record
         counts.add(len(gt["objects"]))
         assert len(im["sentences"]) == 5 and len({s["raw"] for s in im["sentences"]}) == 5
         in_reading_order = [(o["size"], o["colour"], o["shape"]) for o in gt["objects"]]

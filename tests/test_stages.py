@@ -19,84 +19,46 @@ def invoke(cmd, args):
     return result.output
 
 
-@pytest.fixture
-def pipeline(tmp_path, tiny_params, monkeypatch):
-    """Run generate -> prepare -> features -> vocab -> train -> evaluate in tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    params, _ = tiny_params
-    p = lambda *a: ["--params", params, *a]  # noqa: E731
-    outs = {"gen": invoke(generate, p("--out-dir", "data/shapes"))}
+def run_pipeline(root, params):
+    """generate -> prepare -> features -> vocab -> train -> evaluate in ``root`` (the cwd)."""
+    p = lambda args: ["--params", params, *args.split()]  # noqa: E731
+    outs = {"gen": invoke(generate, p("--out-dir data/shapes"))}
     outs["prepare"] = invoke(
         prepare,
         p(
-            "--captions",
-            "data/shapes/dataset_shapes.json",
-            "--images",
-            "data/shapes/images",
-            "--out",
-            "data/dataset.json",
-            "--report",
-            "reports/prepare.json",
+            "--captions data/shapes/dataset_shapes.json --images data/shapes/images --out data/dataset.json"
+            " --report reports/prepare.json"
         ),
     )
     outs["features"] = invoke(
         features,
         p(
-            "--dataset",
-            "data/dataset.json",
-            "--images",
-            "data/shapes/images",
-            "--out",
-            "data/features.h5",
-            "--report",
-            "reports/features.json",
-            "--no-progress",
+            "--dataset data/dataset.json --images data/shapes/images --out data/features.h5"
+            " --report reports/features.json --no-progress"
         ),
     )
-    outs["vocab"] = invoke(
-        vocab, p("--dataset", "data/dataset.json", "--vocab", "data/vocab.json", "--captions", "data/captions.h5")
-    )
+    outs["vocab"] = invoke(vocab, p("--dataset data/dataset.json --vocab data/vocab.json --captions data/captions.h5"))
     outs["train"] = invoke(
         train,
         p(
-            "--features",
-            "data/features.h5",
-            "--vocab",
-            "data/vocab.json",
-            "--captions",
-            "data/captions.h5",
-            "--model",
-            "models/m.keras",
-            "--config",
-            "models/config.json",
-            "--checkpoint",
-            "ckpt",
-            "--live-dir",
-            "reports/train",
-            "--no-progress",
+            "--features data/features.h5 --vocab data/vocab.json --captions data/captions.h5 --model-dir models"
+            " --checkpoint ckpt --live-dir reports/train --no-progress"
         ),
     )
     outs["evaluate"] = invoke(
         evaluate,
         p(
-            "--model",
-            "models/m.keras",
-            "--vocab",
-            "data/vocab.json",
-            "--features",
-            "data/features.h5",
-            "--dataset",
-            "data/dataset.json",
-            "--truth",
-            "data/shapes/ground_truth.json",
-            "--metrics",
-            "reports/metrics.json",
-            "--predictions",
-            "reports/predictions.json",
-            "--no-progress",
+            "--model models --features data/features.h5 --dataset data/dataset.json --metrics reports/metrics.json"
+            " --predictions reports/predictions.json --no-progress"
         ),
     )
-    return tmp_path, outs
+    return outs
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, run_pipeline(tmp_path, tiny_params[0])
 
 
 def test_stages_end_to_end(pipeline):
@@ -111,7 +73,8 @@ def test_stages_end_to_end(pipeline):
     voc = json.loads((root / "data/vocab.json").read_text())["words"]
     assert voc[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "circle" in voc
     cfg = json.loads((root / "models/config.json").read_text())
-    assert cfg["model"]["units"] == 8 and cfg["encoder"]["layer"] == "block3_pool"
+    assert cfg["decoder"] == "gru" and cfg["model"]["units"] == 8 and cfg["encoder"]["layer"] == "block3_pool"
+    assert json.loads((root / "models/vocab.json").read_text())["words"] == voc  # the model folder is whole
     metrics = json.loads((root / "reports/metrics.json").read_text())
     preds = json.loads((root / "reports/predictions.json").read_text())
     assert len(preds) == 4 and set(preds[0]) == {"image", "caption", "log_prob", "references"}
@@ -120,8 +83,9 @@ def test_stages_end_to_end(pipeline):
     spice, _ = spice_available()
     hyps = {p["image"]: p["caption"] for p in preds}
     recomputed = coco_scores({p["image"]: p["references"] for p in preds}, hyps, use_spice=spice)
-    truth = json.loads((root / "data/shapes/ground_truth.json").read_text())
+    truth = {r["image"]: r["truth"] for r in ds["images"]}  # carried from the generator's records
     recomputed.update(scene_accuracy(hyps, truth))
+    assert set(recomputed) >= {"object_accuracy", "layout_accuracy"}
     assert {k: metrics[k] for k in recomputed} == recomputed
     assert ("SPICE" in metrics) is spice and ("SPICE skipped" in outs["evaluate"]) is not spice
     assert metrics["mean_log_prob"] == pytest.approx(np.mean([p["log_prob"] for p in preds]), abs=1e-6)
@@ -153,7 +117,7 @@ def test_caption_cli(pipeline):
     root, _ = pipeline
     imgs = sorted((root / "data/shapes/images").glob("*.png"))[:2]
     (root / "broken.jpg").write_text("not an image")
-    args = ["--model", "models/m.keras", "--config", "models/config.json", "--vocab", "data/vocab.json", "--json"]
+    args = ["--model", "models", "--json"]
     result = CliRunner().invoke(caption.main, args + [str(imgs[0]), str(root / "broken.jpg"), str(imgs[1])])
     assert result.exit_code == 1  # one image failed
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -167,17 +131,33 @@ def test_caption_cli(pipeline):
 def test_caption_features_match_the_stored_ones(pipeline):
     """The caption command rebuilds the very encoder (random init from seed) the features came from."""
     root, _ = pipeline
-    from captioning.encoder import EncoderSpec, FeatureStore, build_encoder, make_forward
+    from captioning.encoder import build_encoder, make_forward
+    from captioning.feature_store import EncoderSpec, FeatureStore
     from captioning.images import load_image
 
     store = FeatureStore(root / "data/features.h5")
-    cfg = json.loads((root / "models/config.json").read_text())
-    spec = EncoderSpec(**{k: cfg["encoder"][k] for k in EncoderSpec.__dataclass_fields__})
+    spec = EncoderSpec.from_attrs(json.loads((root / "models/config.json").read_text())["encoder"])
     key = store.keys[0]
     spatial, _ = make_forward(*build_encoder(spec))(
         load_image(root / "data/shapes/images" / key, spec.image_size)[None]
     )
     np.testing.assert_allclose(spatial.numpy()[0], store.load([key])[0], rtol=1e-2, atol=1e-2)
+
+
+TRAIN_ARGS = [
+    "--features",
+    "f",
+    "--vocab",
+    "v",
+    "--captions",
+    "c",
+    "--model-dir",
+    "m",
+    "--checkpoint",
+    "k",
+    "--live-dir",
+    "l",
+]
 
 
 @pytest.mark.parametrize(
@@ -193,52 +173,23 @@ def test_bad_params_get_one_clear_message(tmp_path, tiny_params, edit, message):
     path, base = tiny_params
     data = {**base, **{k: ({**base[k], **v} if isinstance(v, dict) else v) for k, v in edit.items()}}
     path.write_text(yaml.safe_dump(data))
-    result = CliRunner().invoke(
-        train.main,
-        [
-            "--params",
-            str(path),
-            "--features",
-            "f",
-            "--vocab",
-            "v",
-            "--captions",
-            "c",
-            "--model",
-            "m",
-            "--config",
-            "c",
-            "--checkpoint",
-            "k",
-            "--live-dir",
-            "l",
-        ],
-    )
+    result = CliRunner().invoke(train.main, ["--params", str(path), *TRAIN_ARGS])
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: {message}" or result.output.strip().startswith(f"Error: {message}")
     assert "Traceback" not in result.output
 
 
+def test_a_setting_missing_from_params_yaml_is_named(tmp_path, tiny_params):
+    path, base = tiny_params
+    path.write_text(yaml.safe_dump({**base, "train": {k: v for k, v in base["train"].items() if k != "units"}}))
+    result = CliRunner().invoke(train.main, ["--params", str(path), *TRAIN_ARGS])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: train.units: missing (params.yaml holds every setting)"
+
+
 def test_unknown_split_param(tmp_path, tiny_params):
     path, base = tiny_params
     path.write_text(yaml.safe_dump({**base, "evaluate": {**base["evaluate"], "split": "tst"}}))
-    result = CliRunner().invoke(
-        evaluate.main,
-        [
-            "--params",
-            str(path),
-            "--model",
-            "m",
-            "--vocab",
-            "v",
-            "--features",
-            "f",
-            "--dataset",
-            "d",
-            "--metrics",
-            "m",
-            "--predictions",
-            "p",
-        ],
-    )
+    args = ["--model", "m", "--features", "f", "--dataset", "d", "--metrics", "m", "--predictions", "p"]
+    result = CliRunner().invoke(evaluate.main, ["--params", str(path), *args])
     assert result.exit_code == 1 and "evaluate.split: must be one of train, val, test; got 'tst'" in result.output

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from captioning.decoders import build_decoder
 from captioning.errors import CaptioningError
-from captioning.model import Captioner
 from captioning.train import CaptionSet, FitSettings, best_epoch_metrics, fit
 
 
@@ -28,11 +28,20 @@ def toy_sets(seed=0):
     return train, val
 
 
-def make_model(seed=0):
+TINY = {
+    "gru": {"attention": True, "attention_units": 4},
+    "lstm": {"attention": True, "attention_units": 4},
+    "transformer": {"num_layers": 1, "num_heads": 2},
+}
+
+
+def make_model(seed=0, decoder="gru"):
     from captioning.cli import seed_everything
 
     seed_everything(seed)  # as the train stage does: seeded, deterministic TF ops
-    return Captioner(vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, attention_units=4, dropout=0.1)
+    return build_decoder(
+        decoder, vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, dropout=0.1, **TINY[decoder]
+    )
 
 
 # lr_decay < 1: the kill-and-resume test then also checks the rate is restored per epoch.
@@ -105,6 +114,14 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
     for a, b in zip(m.weights, weights_after[best]):
         np.testing.assert_array_equal(a.numpy(), b)
     assert not all(np.allclose(a.numpy(), b) for a, b in zip(m.weights, weights_after[state["epoch"]]))
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_every_decoder_trains_through_the_same_loop(tmp_path, decoder):
+    train, val = toy_sets()
+    state = fit(make_model(decoder=decoder), train, val, SETTINGS, tmp_path / "c", progress=False, log=lambda s: None)
+    losses = [h["val_loss"] for h in state["history"]]
+    assert losses[-1] < losses[0] * 0.7, losses
 
 
 def test_same_seed_same_weights(tmp_path):

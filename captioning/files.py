@@ -1,4 +1,4 @@
-"""Atomic output writing and small JSON helpers.
+"""Atomic output writing and JSON reading.
 
 Every output is written under a temporary name in the same directory and renamed into
 place only when complete, so an interrupted stage never leaves a half-written file at a
@@ -52,11 +52,6 @@ def write_json(path, obj, indent=2) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, sort_keys=True, ensure_ascii=False)
         f.write("\n")
-
-
-def write_text(path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def read_json(path):

@@ -1,0 +1,100 @@
+"""What every decoder shares: the contract, feature normalisation, seeded dropout, Keras plumbing.
+
+The contract that training, beam search and captioning use, and nothing else:
+
+- ``initial_state(features (B, L, C)) -> state``: a tuple of tensors whose first axis is B
+  (beam search repeats and reorders rows without knowing what they hold);
+- ``step(tokens (N,), state) -> (log_probs (N, V), state', attention (N, L))``;
+- ``forward(features, tokens_in (B, T), dropout_seed=None) -> (logits (B, T, V), aux)`` for
+  teacher forcing, ``aux["attention"]`` (B, T, L) where the image was looked at;
+- ``extra_loss(aux, mask (B, T))``: the decoder's own training term (0 if it has none), weighted
+  by ``train.attention_reg``;
+- ``settings()``: the constructor arguments, saved beside the weights to rebuild it exactly.
+
+Dropout is stateless and seeded from ``(seed, step)``, so a resumed run draws exactly the masks
+an uninterrupted one would; every dropout site gets its own stream (:func:`dropout_seeds`).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+
+def dropout_seeds(seed, n=2):
+    """``n`` independent seeds for the dropout sites of one step, split off the step's seed.
+
+    ``stateless_split`` hashes the seed, so the streams never line up across steps (adding an
+    offset to ``[seed, step]`` would make one site's mask equal the next step's other one).
+    """
+    return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), num=n))
+
+
+def dropout(x, rate, seed):
+    return x if seed is None or rate <= 0 else tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
+
+
+def masked_cross_entropy(logits, targets):
+    """Mean cross-entropy over real tokens (targets > 0; 0 is <pad>)."""
+    mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
+    return tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+
+def coverage_term(alphas, mask):
+    """SAT's doubly stochastic attention term for ``alphas`` (B, T, L) and ``mask`` (B, T).
+
+    The alphas are softmaxes over the L locations, so at every step the attention sums to 1 and
+    a caption's coverage (attention summed over its n real words, per location) always totals n:
+    the term cannot change how much the decoder looks, only where. It is the squared distance
+    of the coverage from the even spread n/L per location (SAT's ``(1 - sum_t alpha)^2`` is the
+    case n = L), summed over locations and averaged over captions, so it pushes the decoder to
+    look at the whole image over a caption instead of fixating on one place. Padded steps do
+    not count.
+    """
+    coverage = tf.reduce_sum(alphas * mask[:, :, None], axis=1)  # (B, L)
+    share = tf.reduce_sum(mask, axis=1, keepdims=True) / tf.cast(tf.shape(alphas)[-1], mask.dtype)  # (B, 1)
+    return tf.reduce_mean(tf.reduce_sum((share - coverage) ** 2, axis=-1))
+
+
+class Decoder(keras.Model):
+    """Base class: subclasses list their constructor arguments in ``SETTINGS``."""
+
+    SETTINGS: tuple = ()
+
+    def __init__(self, vocab_size, feature_dim, num_locations, blind=False, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.feature_dim, self.num_locations, self.blind = (
+            vocab_size,
+            feature_dim,
+            num_locations,
+            blind,
+        )
+        # CNN features from different backbones (or random init) differ wildly in scale.
+        self.feat_norm = layers.LayerNormalization(name="feat_norm")
+
+    def settings(self) -> dict:
+        keys = ("vocab_size", "feature_dim", "num_locations", *self.SETTINGS, "blind")
+        return {k: getattr(self, k) for k in keys}
+
+    def get_config(self):
+        return {**super().get_config(), **self.settings()}
+
+    def build(self, input_shape=None):
+        # Create every weight by running one step, so a loaded model can take its weights.
+        self.forward(tf.zeros((1, self.num_locations, self.feature_dim)), tf.ones((1, 2), tf.int32))
+        self.built = True
+
+    def call(self, inputs, training=False):
+        features, tokens_in = inputs
+        return self.forward(features, tokens_in)[0]
+
+    def normalised_features(self, features):
+        """(B, L, C) features, layer-normalised; all zeros for the blind baseline (no image)."""
+        if self.blind:
+            features = tf.zeros_like(features)
+        return self.feat_norm(features)
+
+    def extra_loss(self, aux, mask):
+        return tf.constant(0.0)

@@ -1,0 +1,132 @@
+"""Recurrent decoders with optional soft attention (Show, Attend and Tell). GRU and LSTM subclass it.
+
+Shapes: B batch, L feature locations (h*w), C feature channels, T caption steps, V vocab.
+
+With ``attention=True`` each step attends over the L locations (Bahdanau additive scoring,
+query = previous hidden state), gates the context (SAT's beta) and feeds it with the word
+embedding into the cell. A learned embedding per location is added to the features first, so
+attention can select by place as well as by content. With ``attention=False`` it is the plain
+"image as initial state" decoder (Show and Tell): the pooled image initialises the cell and the
+words alone drive it. Logits come from a deep output layer over the hidden state, the context
+and the previous word.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from keras import layers
+
+from .base import Decoder, coverage_term, dropout, dropout_seeds
+
+
+class RecurrentDecoder(Decoder):
+    """Subclasses set ``make_cell(units)`` and ``N_STATES`` (1 for a GRU, 2 for an LSTM)."""
+
+    SETTINGS = ("embed_dim", "units", "attention", "attention_units", "dropout")
+    N_STATES = 1
+
+    def __init__(
+        self,
+        vocab_size,
+        feature_dim,
+        num_locations,
+        embed_dim=256,
+        units=512,
+        attention=True,
+        attention_units=256,
+        dropout=0.3,
+        blind=False,
+        **kwargs,
+    ):
+        super().__init__(vocab_size, feature_dim, num_locations, blind=blind, **kwargs)
+        self.embed_dim, self.units, self.attention = embed_dim, units, attention
+        self.attention_units, self.dropout = attention_units, dropout
+        # The first state is the hidden state; an LSTM's cell state gets its own initialiser.
+        self.init_states = [
+            layers.Dense(units, activation="tanh", name=n) for n in ("init_h", "init_c")[: self.N_STATES]
+        ]
+        self.embed = layers.Embedding(vocab_size, embed_dim, name="embed")
+        self.cell = self.make_cell(units)
+        if attention:
+            # Conv features say *what* is at a location but hardly *where* it is; a learned
+            # embedding per location lets attention pick "the left one" and lets the context
+            # carry layout ("above" vs "left of").
+            self.feat_pos = layers.Embedding(num_locations, feature_dim, name="feat_pos")
+            self.att_keys = layers.Dense(attention_units, name="att_keys")
+            self.att_query = layers.Dense(attention_units, use_bias=False, name="att_query")
+            self.att_score = layers.Dense(1, name="att_score")
+            self.att_gate = layers.Dense(1, activation="sigmoid", name="att_gate")
+        self.out_hidden = layers.Dense(embed_dim, name="out_hidden")
+        self.out_logits = layers.Dense(vocab_size, name="out_logits")
+
+    def make_cell(self, units):
+        raise NotImplementedError
+
+    # ---- pieces shared by training and decoding -------------------------------------------
+    def initial_state(self, features):
+        """features (B, L, C) -> (h0, [c0,] feats (B, L, C), keys (B, L, A) or a (B, L, 1) dummy)."""
+        f = self.normalised_features(features)  # (B, L, C)
+        pooled = tf.reduce_mean(f, axis=1)  # (B, C)
+        states = tuple(init(pooled) for init in self.init_states)  # (B, U) each
+        if self.attention:
+            f = f + self.feat_pos(tf.range(self.num_locations))[None]  # (B, L, C)
+        keys = self.att_keys(f) if self.attention else tf.zeros_like(f[:, :, :1])  # (B, L, A)
+        return (*states, f, keys)
+
+    def _attend(self, h, f, keys):
+        """Soft attention: returns context (B, C) and weights alpha (B, L)."""
+        q = self.att_query(h)[:, None, :]  # (B, 1, A)
+        e = tf.squeeze(self.att_score(tf.tanh(keys + q)), -1)  # (B, L)
+        alpha = tf.nn.softmax(e, axis=-1)
+        ctx = tf.reduce_sum(alpha[:, :, None] * f, axis=1)  # (B, C)
+        return self.att_gate(h) * ctx, alpha
+
+    def _recur(self, emb_t, states, f, keys):
+        """One cell step: emb_t (B, E) -> states', ctx (B, C or 0), alpha (B, L)."""
+        if self.attention:
+            ctx, alpha = self._attend(states[0], f, keys)
+            x = tf.concat([emb_t, ctx], axis=-1)
+        else:
+            ctx, alpha = tf.zeros_like(emb_t[:, :0]), tf.zeros_like(f[:, :, 0])
+            x = emb_t
+        _, states = self.cell(x, list(states))
+        return tuple(states), ctx, alpha
+
+    def _logits(self, h, ctx, emb, seed=None):
+        z = dropout(self.out_hidden(tf.concat([h, ctx, emb], axis=-1)), self.dropout, seed)
+        return self.out_logits(z)
+
+    # ---- teacher-forced training -----------------------------------------------------------
+    def forward(self, features, tokens_in, dropout_seed=None):
+        """features (B, L, C), tokens_in (B, T) -> logits (B, T, V), {"attention": (B, T, L)}.
+
+        ``dropout_seed``: int32 (2,) tensor turns dropout on (training); None turns it off.
+        """
+        emb_seed = out_seed = None
+        if dropout_seed is not None and self.dropout > 0:
+            emb_seed, out_seed = dropout_seeds(dropout_seed)
+        *states, f, keys = self.initial_state(features)
+        emb = dropout(self.embed(tokens_in), self.dropout, emb_seed)  # (B, T, E)
+
+        def step(carry, emb_t):
+            new_states, ctx, alpha = self._recur(emb_t, carry[0], f, keys)
+            return new_states, ctx, alpha
+
+        ctx0 = tf.zeros_like(f[:, 0, :]) if self.attention else tf.zeros_like(states[0][:, :0])
+        init = (tuple(states), ctx0, tf.zeros_like(f[:, :, 0]))
+        hs, ctxs, alphas = tf.scan(step, tf.transpose(emb, [1, 0, 2]), initializer=init)  # time-major
+        hs = hs[0]  # the hidden state of every step
+        hs, ctxs, alphas = (tf.transpose(x, [1, 0, 2]) for x in (hs, ctxs, alphas))  # (B, T, .)
+        return self._logits(hs, ctxs, emb, out_seed), {"attention": alphas}
+
+    def extra_loss(self, aux, mask):
+        return coverage_term(aux["attention"], mask) if self.attention else tf.constant(0.0)
+
+    # ---- one decoding step (beam search) ---------------------------------------------------
+    def step(self, tokens, state):
+        """tokens (N,), state -> log-probs (N, V), state', alpha (N, L)."""
+        *states, f, keys = state
+        emb = self.embed(tokens)  # (N, E)
+        states, ctx, alpha = self._recur(emb, tuple(states), f, keys)
+        log_probs = tf.nn.log_softmax(self._logits(states[0], ctx, emb), axis=-1)
+        return log_probs, (*states, f, keys), alpha
