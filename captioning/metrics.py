@@ -40,10 +40,15 @@ def spice_available(env=None, lib=None):
     return False, f"SPICE skipped: Stanford CoreNLP 3.6.0 jars ({', '.join(CORENLP_JARS)}) not found in {where}"
 
 
-def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print) -> dict:
+PER_IMAGE = ("BLEU-4", "CIDEr")  # the per-image scores kept for the gallery
+
+
+def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print, per_image=False):
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when available) for ``{id: [refs]}`` vs ``{id: hyp}``.
 
     Captions are tokenised with the PTB tokenizer exactly as the COCO evaluation server does.
+    With ``per_image`` also returns ``{id: {"BLEU-4": .., "CIDEr": ..}}``, the scorers' own
+    per-image figures (sentence BLEU and the image's CIDEr term).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -71,11 +76,17 @@ def coco_scores(references: dict, hypotheses: dict, use_spice=None, log=print) -
         from pycocoevalcap.spice.spice import Spice
 
         scorers.append((Spice(), "SPICE"))
-    out = {}
+    out, images = {}, {i: {} for i in ids}
     for scorer, names in scorers:
-        score, _ = scorer.compute_score(gts, res)
+        score, each = scorer.compute_score(gts, res)  # ``each`` follows the order of ``gts``: ids
         if isinstance(names, list):
             out.update({n: float(s) for n, s in zip(names, score)})
+            each = dict(zip(names, each))
         else:
             out[names] = float(score)
-    return {k: round(v, 6) for k, v in out.items()}
+            each = {names: each}
+        for name in PER_IMAGE:
+            for i, v in zip(ids, each.get(name, ())):
+                images[i][name] = round(float(v), 6)
+    out = {k: round(v, 6) for k, v in out.items()}
+    return (out, images) if per_image else out

@@ -61,7 +61,7 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     )
     refs = {r["image"]: r["captions"] for r in records}
     by_key = dict(zip(keys, hyps))
-    scores = coco_scores(refs, by_key, log=click.echo)
+    scores, per_image = coco_scores(refs, by_key, log=click.echo, per_image=True)
     scores["mean_log_prob"] = round(sum(log_probs) / len(log_probs), 6)
     if all("truth" in r for r in records):  # the generated data knows what each image shows
         from captioning.shapes import scene_accuracy
@@ -79,7 +79,7 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     write_json(
         predictions,
         [
-            {"image": k, "caption": by_key[k], "log_prob": round(lp, 6), "references": refs[k]}
+            {"image": k, "caption": by_key[k], "log_prob": round(lp, 6), **per_image[k], "references": refs[k]}
             for k, lp in zip(keys, log_probs)
         ],
     )

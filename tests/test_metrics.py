@@ -24,6 +24,17 @@ def test_known_bleu_and_rouge_values():
     assert s["ROUGE-L"] == pytest.approx(2 / 3, abs=1e-6)  # LCS 2 of 3 both ways (beta 1.2, P = R)
 
 
+def test_per_image_scores_are_the_scorers_own():
+    hyps = {"1": "a small red circle", "2": "a man rides a horse"}
+    scores, images = coco_scores(REFS, hyps, use_spice=False, per_image=True)
+    assert set(images) == {"1", "2"} and set(images["1"]) == {"BLEU-4", "CIDEr"}
+    assert images["1"]["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and images["2"]["BLEU-4"] < 1e-3
+    assert images["1"]["CIDEr"] > images["2"]["CIDEr"] == pytest.approx(0.0, abs=1e-9)
+    # corpus CIDEr is the mean of the per-image terms
+    assert scores["CIDEr"] == pytest.approx((images["1"]["CIDEr"] + images["2"]["CIDEr"]) / 2, abs=1e-5)
+    assert coco_scores(REFS, hyps, use_spice=False) == scores
+
+
 def test_wrong_captions_score_lower():
     good = coco_scores(REFS, {"1": "a small red circle", "2": "a large blue square"}, use_spice=False)
     bad = coco_scores(REFS, {"1": "two dogs run", "2": "a man rides a horse"}, use_spice=False)

@@ -77,7 +77,7 @@ def test_stages_end_to_end(pipeline):
     assert json.loads((root / "models/vocab.json").read_text())["words"] == voc  # the model folder is whole
     metrics = json.loads((root / "reports/metrics.json").read_text())
     preds = json.loads((root / "reports/predictions.json").read_text())
-    assert len(preds) == 4 and set(preds[0]) == {"image", "caption", "log_prob", "references"}
+    assert len(preds) == 4 and set(preds[0]) == {"image", "caption", "log_prob", "BLEU-4", "CIDEr", "references"}
     assert all(len(p["caption"].split()) <= 8 for p in preds)  # evaluate.max_length words at most
     # The scores are what pycocoevalcap and the scene checks give for the predictions written.
     spice, _ = spice_available()
