@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from .errors import CaptioningError
-from .feature_store import BACKBONES, EncoderSpec
+from .feature_store import BACKBONES, EncoderSpec, square_grid
 from .files import atomic_path
 from .images import ImageError, load_image
 
@@ -235,8 +235,7 @@ def _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, n_total):
         f.create_dataset("images", data=keys.astype(object), dtype=h5py.string_dtype())
         for k, v in spec.attrs().items():
             f.attrs[k] = v
-        side = int(round(np.sqrt(spatial.shape[1])))
-        f.attrs["grid"] = (side, spatial.shape[1] // side)
+        f.attrs["grid"] = square_grid(spatial.shape[1])
         f.attrs["feature_dim"] = spatial.shape[2]
         f.attrs["dtype"] = str(spatial.dtype)
     return {

@@ -50,6 +50,12 @@ class EncoderSpec:
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls)})
 
 
+def square_grid(num_locations: int) -> tuple:
+    """(rows, cols) of a flattened feature map: the CNNs here make square maps from square images."""
+    side = int(round(num_locations**0.5))
+    return side, num_locations // side
+
+
 class FeatureStore:
     """Read a features file: ``store.spec``, ``store.index[key]``, ``store.load(split_keys)``."""
 

@@ -14,7 +14,6 @@ curves as inline SVG. No script, font or stylesheet comes from the network.
 from __future__ import annotations
 
 import html
-import json
 import re
 from pathlib import Path
 
@@ -99,6 +98,7 @@ def attention_on_objects(words_alphas, truths, grid, object_re):
 
 # ---- the page ------------------------------------------------------------------------------
 
+
 def _thumb(path, size):
     with Image.open(path) as im:
         return im.convert("RGB").resize(size, Image.BILINEAR)
@@ -177,21 +177,30 @@ def page(title, summary: dict, groups: dict, curves: str, note: str = "") -> str
         ".maps figure{margin:0;text-align:center;font-size:12px}.caption{font-size:16px;font-weight:600}"
         ".refs{color:#555;margin:4px 0}.score{color:#036}"
     )
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
-             f"<style>{css}</style></head><body><h1>{_esc(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
+        f"<style>{css}</style></head><body><h1>{_esc(title)}</h1>",
+    ]
     if note:
         parts.append(f"<p>{_esc(note)}</p>")
-    parts.append("<table class='m'><tr>" + "".join(f"<th>{_esc(k)}</th>" for k in summary) + "</tr><tr>"
-                 + "".join(f"<td>{_esc(round(v, 3) if isinstance(v, float) else v)}</td>" for v in summary.values())
-                 + "</tr></table>")
+    parts.append(
+        "<table class='m'><tr>"
+        + "".join(f"<th>{_esc(k)}</th>" for k in summary)
+        + "</tr><tr>"
+        + "".join(f"<td>{_esc(round(v, 3) if isinstance(v, float) else v)}</td>" for v in summary.values())
+        + "</tr></table>"
+    )
     if curves:
         parts.append(f"<h2>Training curves</h2><div class='curves'>{curves}</div>")
     for heading, panels in groups.items():
         parts.append(f"<h2>{_esc(heading)}</h2>")
         for p in panels:
             scores = " · ".join(f"{k} {p[k]:.3f}" for k in ("CIDEr", "BLEU-4") if k in p)
-            maps = "".join(f"<figure><img src='{_esc(png)}' width='112' height='112' alt='{_esc(w)}'>"
-                           f"<figcaption>{_esc(w)}</figcaption></figure>" for w, png in p.get("maps", []))
+            maps = "".join(
+                f"<figure><img src='{_esc(png)}' width='112' height='112' alt='{_esc(w)}'>"
+                f"<figcaption>{_esc(w)}</figcaption></figure>"
+                for w, png in p.get("maps", [])
+            )
             refs = "".join(f"<li>{_esc(r)}</li>" for r in p.get("references", []))
             parts.append(
                 f"<div class='panel'><img src='{_esc(p['png'])}' width='224' height='224' alt='{_esc(p['image'])}'>"
@@ -207,21 +216,16 @@ def pick(predictions, per_group, seed):
     """Best, worst (by CIDEr) and a seeded random sample of the predictions, ``per_group`` each."""
     ranked = sorted(predictions, key=lambda p: (-p.get("CIDEr", 0.0), p["image"]))
     rng = np.random.default_rng(seed)
-    sample = [predictions[i] for i in sorted(rng.choice(len(predictions), min(per_group, len(predictions)),
-                                                        replace=False))]
-    return {"Best (highest CIDEr)": ranked[:per_group], "Worst (lowest CIDEr)": ranked[::-1][:per_group],
-            "Random sample": sample}
+    sample = [
+        predictions[i] for i in sorted(rng.choice(len(predictions), min(per_group, len(predictions)), replace=False))
+    ]
+    return {
+        "Best (highest CIDEr)": ranked[:per_group],
+        "Worst (lowest CIDEr)": ranked[::-1][:per_group],
+        "Random sample": sample,
+    }
 
 
 def safe_stem(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
-
-
-def write_json(path, obj):
-    from .files import write_json as _write
-
-    _write(path, obj)
-
-
-__all__ = ["attention_on_objects", "curves_svg", "overlay", "page", "panel_images", "pick", "read_curves",
-           "strip", "upsample", "word_attention", "json"]
+    """A file-name-safe stem for an image key (which may hold folders)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(key).with_suffix("")))

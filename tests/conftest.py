@@ -77,3 +77,58 @@ def git_init(path):
         ["git", "config", "user.email", "test@example.com"],
     ):
         subprocess.run(cmd, cwd=path, check=True)
+
+
+def invoke(cmd, args):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cmd.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def run_pipeline(root, params):
+    """generate -> prepare -> features -> vocab -> train -> evaluate -> report in ``root`` (the cwd)."""
+    from stages import evaluate, features, generate, prepare, report, train, vocab
+
+    p = lambda args: ["--params", params, *args.split()]  # noqa: E731
+    outs = {"gen": invoke(generate, p("--out-dir data/shapes"))}
+    outs["prepare"] = invoke(
+        prepare,
+        p(
+            "--captions data/shapes/dataset_shapes.json --images data/shapes/images --out data/dataset.json"
+            " --report reports/prepare.json"
+        ),
+    )
+    outs["features"] = invoke(
+        features,
+        p(
+            "--dataset data/dataset.json --images data/shapes/images --out data/features.h5"
+            " --report reports/features.json --no-progress"
+        ),
+    )
+    outs["vocab"] = invoke(vocab, p("--dataset data/dataset.json --vocab data/vocab.json --captions data/captions.h5"))
+    outs["train"] = invoke(
+        train,
+        p(
+            "--features data/features.h5 --vocab data/vocab.json --captions data/captions.h5 --model-dir models"
+            " --checkpoint ckpt --live-dir reports/train --no-progress"
+        ),
+    )
+    outs["evaluate"] = invoke(
+        evaluate,
+        p(
+            "--model models --features data/features.h5 --dataset data/dataset.json --metrics reports/metrics.json"
+            " --predictions reports/predictions.json --no-progress"
+        ),
+    )
+    outs["report"] = invoke(
+        report,
+        p(
+            "--model models --features data/features.h5 --dataset data/dataset.json --images data/shapes/images"
+            " --predictions reports/predictions.json --metrics reports/metrics.json"
+            " --curves reports/train/plots/metrics --out reports/gallery --plots reports/attention_plots"
+            " --summary reports/attention.json"
+        ),
+    )
+    return outs

@@ -7,52 +7,11 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import run_pipeline
 
 from captioning.metrics import coco_scores, spice_available
 from captioning.shapes import scene_accuracy
-from stages import caption, evaluate, features, generate, prepare, train, vocab
-
-
-def invoke(cmd, args):
-    result = CliRunner().invoke(cmd.main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def run_pipeline(root, params):
-    """generate -> prepare -> features -> vocab -> train -> evaluate in ``root`` (the cwd)."""
-    p = lambda args: ["--params", params, *args.split()]  # noqa: E731
-    outs = {"gen": invoke(generate, p("--out-dir data/shapes"))}
-    outs["prepare"] = invoke(
-        prepare,
-        p(
-            "--captions data/shapes/dataset_shapes.json --images data/shapes/images --out data/dataset.json"
-            " --report reports/prepare.json"
-        ),
-    )
-    outs["features"] = invoke(
-        features,
-        p(
-            "--dataset data/dataset.json --images data/shapes/images --out data/features.h5"
-            " --report reports/features.json --no-progress"
-        ),
-    )
-    outs["vocab"] = invoke(vocab, p("--dataset data/dataset.json --vocab data/vocab.json --captions data/captions.h5"))
-    outs["train"] = invoke(
-        train,
-        p(
-            "--features data/features.h5 --vocab data/vocab.json --captions data/captions.h5 --model-dir models"
-            " --checkpoint ckpt --live-dir reports/train --no-progress"
-        ),
-    )
-    outs["evaluate"] = invoke(
-        evaluate,
-        p(
-            "--model models --features data/features.h5 --dataset data/dataset.json --metrics reports/metrics.json"
-            " --predictions reports/predictions.json --no-progress"
-        ),
-    )
-    return outs
+from stages import caption, evaluate, train
 
 
 @pytest.fixture
