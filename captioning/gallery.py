@@ -146,7 +146,7 @@ def curves_svg(curves: dict) -> str:
         "width": 360,
         "height": 200,
         "encoding": {
-            "x": {"field": "epoch", "type": "quantitative", "axis": {"tickMinStep": 1}},
+            "x": {"field": "epoch", "type": "ordinal", "axis": {"labelAngle": 0}},
             "y": {"field": "value", "type": "quantitative", "title": "loss"},
             "color": {"field": "curve", "type": "nominal"},
         },

@@ -73,7 +73,7 @@ def _fingerprint(model, settings, train, val) -> str:
     return h.hexdigest()
 
 
-def _save_checkpoint(path, model, optimizer, state, best_weights):
+def save_checkpoint(path, model, optimizer, state, best_weights):
     """Write the whole checkpoint to a temporary folder, then swap it in."""
     with atomic_path(path) as tmp:
         tmp.mkdir()
@@ -87,7 +87,7 @@ def _save_checkpoint(path, model, optimizer, state, best_weights):
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
-def _load_checkpoint(path, model, optimizer, fingerprint):
+def load_checkpoint(path, model, optimizer, fingerprint):
     """Restore model/optimizer/state from ``path`` when it matches ``fingerprint``; else None."""
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
@@ -162,7 +162,7 @@ def fit(
         return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
 
     fingerprint = _fingerprint(model, settings, train, val)
-    restored = _load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
+    restored = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
     if restored:
         state, best_weights = restored
         log(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
@@ -232,12 +232,12 @@ def fit(
         log(
             f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f} ({metrics['seconds']:.0f}s)"
         )
-        _save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+        save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
         if on_epoch:
             on_epoch(epoch, metrics)
 
     for var, w in zip(model.weights, best_weights):
         var.assign(w)
     state["complete"] = True
-    _save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+    save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
     return state

@@ -12,7 +12,12 @@ from captioning.errors import CaptioningError
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option(
-    "--model", "model_dir", default="models", show_default=True, type=click.Path(file_okay=False), help="Model folder."
+    "--model",
+    "model_dir",
+    default="models_final",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Model folder.",
 )
 @click.option("--beam-size", default=3, show_default=True, type=click.IntRange(1, 50), help="1 = greedy.")
 @click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 200), help="Words at most.")

@@ -88,8 +88,8 @@ def invoke(cmd, args):
 
 
 def run_pipeline(root, params):
-    """generate -> prepare -> features -> vocab -> train -> evaluate -> report in ``root`` (the cwd)."""
-    from stages import evaluate, features, generate, prepare, report, train, vocab
+    """generate -> prepare -> features -> vocab -> train -> finetune -> evaluate -> report in ``root`` (the cwd)."""
+    from stages import evaluate, features, finetune, generate, prepare, report, train, vocab
 
     p = lambda args: ["--params", params, *args.split()]  # noqa: E731
     outs = {"gen": invoke(generate, p("--out-dir data/shapes"))}
@@ -115,20 +115,41 @@ def run_pipeline(root, params):
             " --checkpoint ckpt --live-dir reports/train --no-progress"
         ),
     )
+    outs["finetune"] = invoke(
+        finetune,
+        p(
+            "--model models --features data/features.h5 --captions data/captions.h5 --out models_final"
+            " --checkpoint ckpt_ft --live-dir reports/finetune --no-progress"
+        ),
+    )
     outs["evaluate"] = invoke(
         evaluate,
         p(
-            "--model models --features data/features.h5 --dataset data/dataset.json --metrics reports/metrics.json"
-            " --predictions reports/predictions.json --no-progress"
+            "--model models_final --features data/features.h5 --dataset data/dataset.json"
+            " --metrics reports/metrics.json --predictions reports/predictions.json --no-progress"
         ),
     )
     outs["report"] = invoke(
         report,
         p(
-            "--model models --features data/features.h5 --dataset data/dataset.json --images data/shapes/images"
+            "--model models_final --features data/features.h5 --dataset data/dataset.json --images data/shapes/images"
             " --predictions reports/predictions.json --metrics reports/metrics.json"
             " --curves reports/train/plots/metrics --out reports/gallery --plots reports/attention_plots"
             " --summary reports/attention.json"
         ),
     )
     return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny pipeline, every stage, run once per test session (read it, do not change it)."""
+    root = tmp_path_factory.mktemp("run")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        outs = run_pipeline(root, root / "params.yaml")
+    finally:
+        os.chdir(cwd)
+    return root, outs

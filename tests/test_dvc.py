@@ -74,7 +74,7 @@ def test_editing_a_split_list_reruns_prepare(tmp_path):
 
 def test_repro_then_nothing_to_do_then_identical_forced_rerun(project):
     out = dvc("repro", cwd=project)
-    for stage in ("generate", "prepare", "features", "vocab", "train", "evaluate", "report"):
+    for stage in ("generate", "prepare", "features", "vocab", "train", "finetune", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out
     metrics = (project / "reports/metrics.json").read_bytes()
     predictions = (project / "reports/predictions.json").read_bytes()

@@ -115,25 +115,6 @@ def chromium():
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The tiny pipeline, report stage included, once for this module."""
-    import os
-
-    import yaml
-    from conftest import TINY_PARAMS, run_pipeline
-
-    root = tmp_path_factory.mktemp("run")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        outs = run_pipeline(root, root / "params.yaml")
-    finally:
-        os.chdir(cwd)
-    return root, outs
-
-
 def test_gallery_renders_in_headless_chromium(tiny_run, tmp_path):
     import json
 
@@ -187,7 +168,7 @@ def test_caption_cli_writes_attention_panels_and_a_page(tiny_run, tmp_path):
         caption.main,
         [
             "--model",
-            str(root / "models"),
+            str(root / "models_final"),
             "--attention",
             str(tmp_path / "att"),
             "--html",

@@ -31,7 +31,7 @@ def test_stages_end_to_end(pipeline):
         assert f["spatial"].shape == (24, 16, 256)  # 32 px through block3_pool: 4x4 grid
     voc = json.loads((root / "data/vocab.json").read_text())["words"]
     assert voc[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "circle" in voc
-    cfg = json.loads((root / "models/config.json").read_text())
+    cfg = json.loads((root / "models_final/config.json").read_text())
     assert cfg["decoder"] == "gru" and cfg["model"]["units"] == 8 and cfg["encoder"]["layer"] == "block3_pool"
     assert json.loads((root / "models/vocab.json").read_text())["words"] == voc  # the model folder is whole
     metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -76,7 +76,7 @@ def test_caption_cli(pipeline):
     root, _ = pipeline
     imgs = sorted((root / "data/shapes/images").glob("*.png"))[:2]
     (root / "broken.jpg").write_text("not an image")
-    args = ["--model", "models", "--json"]
+    args = ["--model", "models_final", "--json"]
     result = CliRunner().invoke(caption.main, args + [str(imgs[0]), str(root / "broken.jpg"), str(imgs[1])])
     assert result.exit_code == 1  # one image failed
     lines = [json.loads(line) for line in result.stdout.splitlines()]

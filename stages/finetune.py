@@ -1,0 +1,140 @@
+"""Stage: optional self-critical fine-tuning for CIDEr-D (see ``main``)."""
+
+import shutil
+
+import click
+
+from captioning import config
+from captioning.cli import seed_everything, user_errors
+from captioning.files import atomic_path, write_json
+
+
+@config.dataclasses.dataclass
+class Params:
+    enabled: bool = config.field()  # false: the cross-entropy model passes through unchanged
+    samples: int = config.field(lo=1, hi=64)  # captions sampled per image
+    baseline: str = config.field(choices=("mean", "greedy"))  # mean of the other samples, or greedy's reward
+    batch_size: int = config.field(lo=1)  # images per step
+    learning_rate: float = config.field(lo=1e-8, hi=1.0)
+    epochs: int = config.field(lo=1)
+    patience: int = config.field(lo=1)  # epochs without a better val CIDEr-D before stopping
+    max_length: int = config.field(lo=1, hi=200)  # words per sampled caption
+    clip_norm: float = config.field(lo=0.0)
+
+
+def image_set(store, captions_h5, split):
+    """The split's images with features and their references (token ids without specials)."""
+    from captioning.scst import ImageSet
+    from captioning.vocab import load_encoded
+
+    images, tokens = load_encoded(captions_h5, split)
+    refs = {}
+    for image, row in zip(images, tokens):
+        if image in store.index:  # images the features stage skipped are left out
+            refs.setdefault(image, []).append([int(t) for t in row if t >= 3])  # words and <unk>
+    keys = sorted(refs)
+    return ImageSet(store.load(keys), [refs[k] for k in keys])
+
+
+@click.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Cross-entropy model.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features.")
+@click.option("--captions", required=True, type=click.Path(dir_okay=False), help="Encoded captions HDF5.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--checkpoint", required=True, type=click.Path(file_okay=False), help="Resumable checkpoint folder.")
+@click.option("--live-dir", required=True, type=click.Path(file_okay=False), help="dvclive folder (metrics, curves).")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@user_errors
+def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, progress):
+    """Fine-tune the trained decoder for CIDEr-D with self-critical sequence training.
+
+    Off by default (finetune.enabled): then MODEL is copied to OUT unchanged, so the stages
+    after it always read OUT. On: samples finetune.samples captions per image, rewards each
+    with CIDEr-D against the image's references (document frequencies from the training
+    references), subtracts the baseline and follows the policy gradient; early stopping on the
+    val split's greedy CIDEr-D; atomic per-epoch checkpoints in CHECKPOINT, exact resume.
+    """
+    params = config.load_params(params_file, {"finetune": Params})
+    p, seed = params["finetune"], params["seed"]
+    from pathlib import Path
+
+    if not p.enabled:
+        with atomic_path(out) as tmp:
+            shutil.copytree(model_dir, tmp)
+        write_json(Path(live_dir) / "metrics.json", {"enabled": False})
+        click.echo(f"finetune: off (finetune.enabled: false), {model_dir} -> {out} unchanged")
+        return
+    seed_everything(seed)
+    from dvclive import Live
+
+    from captioning.cider import CiderD
+    from captioning.feature_store import FeatureStore
+    from captioning.predict import load_model, save_model
+    from captioning.scst import SCSTSettings, fine_tune
+
+    model = load_model(model_dir)
+    store = FeatureStore(features)
+    train, val = image_set(store, captions, "train"), image_set(store, captions, "val")
+    base = len(model.vocab) + 1
+    settings = SCSTSettings(
+        samples=p.samples,
+        baseline=p.baseline,
+        batch_size=p.batch_size,
+        learning_rate=p.learning_rate,
+        epochs=p.epochs,
+        patience=p.patience,
+        max_length=p.max_length,
+        clip_norm=p.clip_norm,
+        seed=seed,
+    )
+    with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
+
+        def on_epoch(epoch, m):
+            for k in ("val_cider", "train_reward", "sample_words"):
+                live.log_metric(k, m[k])
+            live.next_step()
+
+        state = fine_tune(
+            model.decoder,
+            model.vocab,
+            train,
+            val,
+            CiderD(train.references, base),
+            CiderD(val.references, base),
+            settings,
+            checkpoint,
+            on_epoch=on_epoch,
+            progress=progress,
+            log=click.echo,
+        )
+        best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
+        live.summary = {
+            "enabled": True,
+            "start_val_cider": round(state["start_val_cider"], 6),
+            "best_val_cider": round(state["best_val_cider"], 6),
+            "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"],
+            **{k: best[k] for k in ("train_reward", "sample_words") if k in best},
+            "step": max(state["best_epoch"] - 1, 0),
+        }
+    with atomic_path(out) as tmp:
+        save_model(
+            tmp,
+            model.decoder,
+            model.config["decoder"],
+            model.vocab,
+            {
+                **{k: v for k, v in model.config.items() if k not in ("decoder", "model")},
+                "scst": {"best_epoch": state["best_epoch"], "best_val_cider": round(state["best_val_cider"], 6)},
+            },
+        )
+    secs = sum(m["seconds"] for m in state["history"])
+    click.echo(
+        f"finetune: {state['epoch']} SCST epochs ({secs:.0f}s), val CIDEr-D {state['start_val_cider']:.4f}"
+        f" -> {state['best_val_cider']:.4f} (epoch {state['best_epoch']}) -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Self-critical sequence training: the baseline maths, seeded sampling, learning, exact resume,
+and the finetune stage on the tiny pipeline."""
+
+import json
+
+import numpy as np
+import tensorflow as tf
+from click.testing import CliRunner
+
+from captioning.cider import CiderD
+from captioning.decoders import build_decoder
+from captioning.scst import ImageSet, SCSTSettings, baseline, fine_tune, make_sampler, strip_end
+from captioning.vocab import SPECIALS, Vocabulary
+
+
+def test_mean_of_others_baseline():
+    rewards = [1.0, 2.0, 3.0, 4.0, 4.0, 4.0]  # two images, three samples each
+    np.testing.assert_allclose(baseline(rewards, 3), [2.5, 2.0, 1.5, 4.0, 4.0, 4.0])
+    # each sample's baseline ignores its own reward: the advantages of an image sum to zero here
+    adv = np.array(rewards) - baseline(rewards, 3)
+    np.testing.assert_allclose(adv.reshape(2, 3).sum(axis=1), 0.0, atol=1e-12)
+
+
+def test_greedy_baseline_repeats_the_greedy_reward():
+    np.testing.assert_allclose(baseline([1.0, 2.0, 3.0, 4.0], 2, greedy=[0.5, 3.5]), [0.5, 0.5, 3.5, 3.5])
+
+
+# A toy world: image i shows colour i % 3 in its features; its references say "a <colour>".
+VOCAB = Vocabulary(list(SPECIALS) + ["a", "red", "green", "blue", "big"])
+
+
+def toy(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    feats = rng.normal(size=(n, 4, 6)).astype("float32") * 0.1
+    feats[np.arange(n), :, labels] += 2.0
+    return ImageSet(feats, [[[4, 5 + lab], [4, 5 + lab]] for lab in labels])
+
+
+def tiny_decoder():
+    from captioning.cli import seed_everything
+
+    seed_everything(0)
+    return build_decoder(
+        "gru",
+        vocab_size=len(VOCAB),
+        feature_dim=6,
+        num_locations=4,
+        embed_dim=6,
+        units=8,
+        attention=True,
+        attention_units=4,
+        dropout=0.0,
+    )
+
+
+def test_sampling_is_seeded_and_well_formed():
+    d = tiny_decoder()
+    d.build()
+    sample = make_sampler(d, VOCAB.start_id, VOCAB.end_id, max_length=5)
+    feats = tf.constant(toy(6, 0).features)
+    a = sample(feats, tf.constant([1, 2])).numpy()
+    assert a.shape == (6, 6) and np.array_equal(a, sample(feats, tf.constant([1, 2])).numpy())
+    assert not np.array_equal(a, sample(feats, tf.constant([1, 3])).numpy())
+    for row in a:
+        assert not set(row.tolist()) & {1, 3}  # never <start> or <unk>
+        ends = np.flatnonzero(row == VOCAB.end_id)
+        assert len(ends) == 1 and (row[ends[0] + 1 :] == 0).all() and (row[: ends[0]] >= 4).all()
+    assert strip_end([4, 5, 2, 0], 2) == [4, 5]
+
+
+SETTINGS = SCSTSettings(samples=4, batch_size=6, learning_rate=0.05, epochs=4, patience=4, max_length=4, seed=3)
+
+
+def run(tmp_path, name, settings=SETTINGS, decoder=None, log=None):
+    train, val = toy(18, 0), toy(6, 1)
+    decoder = decoder or tiny_decoder()
+    base = len(VOCAB) + 1
+    state = fine_tune(
+        decoder,
+        VOCAB,
+        train,
+        val,
+        CiderD(train.references, base),
+        CiderD(val.references, base),
+        settings,
+        tmp_path / name,
+        progress=False,
+        log=log or (lambda s: None),
+    )
+    return decoder, state
+
+
+def test_fine_tuning_raises_val_cider_and_is_deterministic(tmp_path):
+    a, state = run(tmp_path, "a")
+    assert state["best_val_cider"] > state["start_val_cider"] + 1.0, state["history"]
+    b, _ = run(tmp_path, "b")
+    for x, y in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_a_stopped_run_resumes_on_the_same_path(tmp_path):
+    import dataclasses
+
+    run(tmp_path, "ckpt", dataclasses.replace(SETTINGS, epochs=2))  # stopped after 2 epochs
+    state = json.loads((tmp_path / "ckpt/state.json").read_text())
+    state["complete"] = False  # as a run killed after its epoch-2 checkpoint would have left it
+    (tmp_path / "ckpt/state.json").write_text(json.dumps(state))
+    messages = []
+    resumed, r_state = run(tmp_path, "ckpt", log=messages.append)
+    assert messages[0].startswith("resuming from") and "after epoch 2" in messages[0]
+    clean, c_state = run(tmp_path, "clean")
+    assert [h["val_cider"] for h in r_state["history"]] == [h["val_cider"] for h in c_state["history"]]
+    for x, y in zip(resumed.weights, clean.weights):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_stage_end_to_end(tiny_run, tmp_path):
+    import yaml
+    from conftest import merged
+
+    from stages import finetune
+
+    root, outs = tiny_run
+    assert outs["finetune"].strip().startswith("finetune: off")
+    assert json.loads((root / "reports/finetune/metrics.json").read_text()) == {"enabled": False}
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            merged(
+                yaml.safe_load((root / "params.yaml").read_text()),
+                {"finetune": {"enabled": True, "epochs": 2, "batch_size": 8}},
+            )
+        )
+    )
+    args = [
+        "--params",
+        params,
+        "--model",
+        root / "models",
+        "--features",
+        root / "data/features.h5",
+        "--captions",
+        root / "data/captions.h5",
+        "--out",
+        tmp_path / "models_final",
+        "--checkpoint",
+        tmp_path / "ckpt",
+        "--live-dir",
+        tmp_path / "live",
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(finetune.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith("finetune: 2 SCST epochs")
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary["enabled"] and summary["epochs_run"] == 2 and "best_val_cider" in summary
+    cfg = json.loads((tmp_path / "models_final/config.json").read_text())
+    assert cfg["scst"]["best_epoch"] == summary["best_epoch"] and cfg["encoder"]["layer"] == "block3_pool"
+    from captioning.predict import load_model
+
+    assert load_model(tmp_path / "models_final").vocab.words == load_model(root / "models").vocab.words
