@@ -63,6 +63,7 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
         with atomic_path(out) as tmp:
             shutil.copytree(model_dir, tmp)
         write_json(Path(live_dir) / "metrics.json", {"enabled": False})
+        write_json(Path(checkpoint) / "state.json", {"enabled": False, "complete": True})  # a declared output
         click.echo(f"finetune: off (finetune.enabled: false), {model_dir} -> {out} unchanged")
         return
     seed_everything(seed)

@@ -73,7 +73,7 @@ def test_stage_deps_are_exactly_the_modules_it_imports(stage):
 
 def test_editing_a_decoder_reruns_only_the_stages_that_use_a_model():
     users = {s for s in STAGES if "captioning/decoders/gru.py" in DVC[s]["deps"]}
-    assert users == {"train", "evaluate", "report"}  # never generate, prepare, features or vocab
+    assert users == {"train", "finetune", "evaluate", "report"}  # never generate, prepare, features or vocab
     assert "captioning/encoder.py" not in DVC["train"]["deps"] + DVC["evaluate"]["deps"]
 
 
