@@ -211,36 +211,48 @@ def _write_chunk(path, keys, spatial, pooled, ok, errors):
 
 
 def _merge_chunks(partial, n_chunks, out, spec, max_bad_fraction, n_total):
-    skipped = []
-    parts = []
+    """Join the chunk files into ``out``, one chunk in memory at a time.
+
+    A first pass reads only the small ``ok``/``images``/``errors`` arrays (what was skipped,
+    how many rows the file gets); the second copies each chunk's rows into pre-sized
+    datasets, so peak memory is one chunk's, whatever the number of images.
+    """
+    skipped, keys, shape = [], [], None
     for c in range(n_chunks):
         with h5py.File(partial / f"chunk-{c:05d}.h5", "r") as f:
             ok = f["ok"][:]
-            keys = f["images"].asstr()[:]
+            names = f["images"].asstr()[:]
             errs = f["errors"].asstr()[:]
-            skipped += [{"image": k, "error": e} for k, e, o in zip(keys, errs, ok) if not o]
-            parts.append((f["spatial"][:][ok], f["pooled"][:][ok], keys[ok]))
+            skipped += [{"image": k, "error": e} for k, e, o in zip(names, errs, ok) if not o]
+            keys += names[ok].tolist()
+            shape, dtype = f["spatial"].shape[1:], f["spatial"].dtype
     if len(skipped) > max_bad_fraction * n_total:
         first = skipped[0]
         raise CaptioningError(
             f"{len(skipped)} of {n_total} images could not be read (first: {first['image']}: {first['error']});"
             f" more than max_bad_fraction={max_bad_fraction}"
         )
-    spatial = np.concatenate([p[0] for p in parts])
-    pooled = np.concatenate([p[1] for p in parts])
-    keys = np.concatenate([p[2] for p in parts])
+    spatial_shape = (len(keys), *shape)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("spatial", data=spatial, chunks=(1,) + spatial.shape[1:])
-        f.create_dataset("pooled", data=pooled)
-        f.create_dataset("images", data=keys.astype(object), dtype=h5py.string_dtype())
+        spatial = f.create_dataset("spatial", shape=spatial_shape, dtype=dtype, chunks=(1, *shape))
+        pooled = f.create_dataset("pooled", shape=(len(keys), shape[1]), dtype=dtype)
+        f.create_dataset("images", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        row = 0
+        for c in range(n_chunks):
+            with h5py.File(partial / f"chunk-{c:05d}.h5", "r") as part:
+                ok = part["ok"][:]
+                n = int(ok.sum())
+                spatial[row : row + n] = part["spatial"][:][ok]
+                pooled[row : row + n] = part["pooled"][:][ok]
+                row += n
         for k, v in spec.attrs().items():
             f.attrs[k] = v
-        f.attrs["grid"] = square_grid(spatial.shape[1])
-        f.attrs["feature_dim"] = spatial.shape[2]
-        f.attrs["dtype"] = str(spatial.dtype)
+        f.attrs["grid"] = square_grid(shape[0])
+        f.attrs["feature_dim"] = shape[1]
+        f.attrs["dtype"] = str(dtype)
     return {
         "images": int(len(keys)),
         "skipped": skipped,
-        "spatial_shape": list(spatial.shape),
-        "pooled_shape": list(pooled.shape),
+        "spatial_shape": list(spatial_shape),
+        "pooled_shape": [len(keys), shape[1]],
     }
