@@ -23,7 +23,7 @@ import numpy as np
 
 from .decode import NEVER_GENERATED
 from .errors import CaptioningError
-from .train import load_checkpoint, save_checkpoint
+from .train import begin_or_resume, end_epoch, finish
 
 
 @dataclasses.dataclass
@@ -168,17 +168,11 @@ def fine_tune(
         return float(np.mean([val_scorer.score(val_scorer.vector(c), refs) for c, refs in zip(caps, val_refs)]))
 
     fingerprint = _fingerprint(decoder, settings, train, val)
-    restored = load_checkpoint(checkpoint_dir, decoder, optimizer, fingerprint)
-    if restored:
-        state, best_weights = restored
-        log(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
-        for m in state["history"]:
-            if on_epoch:
-                on_epoch(m["epoch"], m)
-    else:
+
+    def fresh():
         start = val_cider()  # the cross-entropy model's score: the bar to beat
         log(f"SCST: val CIDEr-D {start:.4f} before fine-tuning")
-        state = {
+        return {
             "fingerprint": fingerprint,
             "epoch": 0,
             "step": 0,
@@ -189,7 +183,8 @@ def fine_tune(
             "history": [],
             "complete": False,
         }
-        best_weights = [np.asarray(w) for w in decoder.weights]
+
+    state, best_weights = begin_or_resume(checkpoint_dir, decoder, optimizer, fingerprint, fresh, on_epoch, log)
 
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
         epoch = state["epoch"] + 1
@@ -220,26 +215,22 @@ def fine_tune(
             "sample_words": round(float(np.mean(lengths)), 3),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        state["history"].append(metrics)
-        state["epoch"] = epoch
-        if score > state["best_val_cider"]:
-            state.update(best_val_cider=score, best_epoch=epoch, bad_epochs=0)
-            best_weights = [np.asarray(w) for w in decoder.weights]
-        else:
-            state["bad_epochs"] += 1
         log(
             f"scst epoch {epoch}: val CIDEr-D {score:.4f}, mean sample reward {metrics['train_reward']:.4f}"
             f" ({metrics['seconds']:.0f}s)"
         )
-        save_checkpoint(checkpoint_dir, decoder, optimizer, state, best_weights)
-        if on_epoch:
-            on_epoch(epoch, metrics)
-
-    for var, w in zip(decoder.weights, best_weights):
-        var.assign(w)
-    state["complete"] = True
-    save_checkpoint(checkpoint_dir, decoder, optimizer, state, best_weights)
-    return state
+        best_weights = end_epoch(
+            state,
+            metrics,
+            score > state["best_val_cider"],
+            {"best_val_cider": score},
+            decoder,
+            optimizer,
+            best_weights,
+            checkpoint_dir,
+            on_epoch,
+        )
+    return finish(checkpoint_dir, decoder, optimizer, state, best_weights)
 
 
 def _fingerprint(decoder, settings, train, val) -> str:

@@ -162,15 +162,12 @@ def fit(
         return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
 
     fingerprint = _fingerprint(model, settings, train, val)
-    restored = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
-    if restored:
-        state, best_weights = restored
-        log(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
-        for m in state["history"]:
-            if on_epoch:
-                on_epoch(m["epoch"], m)
-    else:
-        state = {
+    state, best_weights = begin_or_resume(
+        checkpoint_dir,
+        model,
+        optimizer,
+        fingerprint,
+        lambda: {
             "fingerprint": fingerprint,
             "epoch": 0,
             "step": 0,
@@ -179,8 +176,10 @@ def fit(
             "bad_epochs": 0,
             "history": [],
             "complete": False,
-        }
-        best_weights = [np.asarray(w) for w in model.weights]
+        },
+        on_epoch,
+        log,
+    )
 
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
         epoch = state["epoch"] + 1
@@ -222,20 +221,57 @@ def fit(
             "learning_rate": float(f"{lr:.6g}"),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        state["history"].append(metrics)
-        state["epoch"] = epoch
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-            state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
-            best_weights = [np.asarray(w) for w in model.weights]
-        else:
-            state["bad_epochs"] += 1
         log(
             f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f} ({metrics['seconds']:.0f}s)"
         )
-        save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
-        if on_epoch:
-            on_epoch(epoch, metrics)
+        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        best_weights = end_epoch(
+            state,
+            metrics,
+            improved,
+            {"best_val_loss": val_loss},
+            model,
+            optimizer,
+            best_weights,
+            checkpoint_dir,
+            on_epoch,
+        )
+    return finish(checkpoint_dir, model, optimizer, state, best_weights)
 
+
+def begin_or_resume(checkpoint_dir, model, optimizer, fingerprint, fresh, on_epoch, log):
+    """``(state, best weights)`` from a checkpoint matching ``fingerprint``, its history replayed to
+    ``on_epoch`` so loggers see every epoch; else ``fresh()`` and the model's current weights."""
+    restored = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
+    if not restored:
+        return fresh(), [np.asarray(w) for w in model.weights]
+    state, best_weights = restored
+    log(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
+    for m in state["history"]:
+        if on_epoch:
+            on_epoch(m["epoch"], m)
+    return state, best_weights
+
+
+def end_epoch(state, metrics, improved, best, model, optimizer, best_weights, checkpoint_dir, on_epoch):
+    """Record a finished epoch: its history row, the best so far (``best``: the state keys to set
+    when it ``improved``) or one more epoch of patience spent, an atomic checkpoint, the callback.
+    Returns the best weights."""
+    state["history"].append(metrics)
+    state["epoch"] = metrics["epoch"]
+    if improved:
+        state.update(best, best_epoch=metrics["epoch"], bad_epochs=0)
+        best_weights = [np.asarray(w) for w in model.weights]
+    else:
+        state["bad_epochs"] += 1
+    save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+    if on_epoch:
+        on_epoch(metrics["epoch"], metrics)
+    return best_weights
+
+
+def finish(checkpoint_dir, model, optimizer, state, best_weights):
+    """Leave the best weights in ``model`` and mark the checkpoint complete (it is not resumed)."""
     for var, w in zip(model.weights, best_weights):
         var.assign(w)
     state["complete"] = True
