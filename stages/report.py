@@ -55,10 +55,13 @@ def main(params_file, model_dir, features, dataset, images, predictions, metrics
     records = {r["image"]: r for r in read_json(dataset)["images"]}
     attends = model.decoder.settings().get("attention", True)  # the transformer always attends
 
-    def maps_for(entries):
-        return gallery.word_attention(
-            model.decoder, model.vocab, store.load([e["image"] for e in entries]), [e["caption"] for e in entries]
-        )
+    def maps_for(entries, chunk=256):  # a chunk of features in memory at a time
+        out = []
+        for i in range(0, len(entries), chunk):
+            part = entries[i : i + chunk]
+            feats = store.load([e["image"] for e in part])
+            out += gallery.word_attention(model.decoder, model.vocab, feats, [e["caption"] for e in part])
+        return out
 
     groups = gallery.pick(preds, p.per_group, seed)
     shown = {e["image"]: e for group in groups.values() for e in group}
