@@ -68,6 +68,21 @@ def strip_end(seq, end_id):
     return seq[: seq.index(end_id)] if end_id in seq else seq
 
 
+def policy_logits(logits):
+    """The logits of the policy SCST samples from and optimises: <pad>, <start>, <unk> excluded.
+
+    The softmax over the remaining tokens is the distribution samples are drawn from, so the
+    log-probabilities in the loss must come from it too. Taken over all tokens, every update
+    with a negative advantage would push probability onto the never-sampled, never-penalised
+    excluded tokens, draining the words' log-probabilities (beam search then favours ever
+    shorter captions).
+    """
+    import tensorflow as tf
+
+    banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(logits)[-1]), axis=0) > 0  # (V,)
+    return tf.where(banned, tf.constant(-1e9, logits.dtype), logits)
+
+
 def make_sampler(decoder, start_id, end_id, max_length):
     """A compiled function: features (B, L, C), seed (2,) -> sampled ids (B, max_length + 1), 0-padded.
 
@@ -86,8 +101,7 @@ def make_sampler(decoder, start_id, end_id, max_length):
         seeds = tf.random.experimental.stateless_split(seed, num=max_length)
         for t in range(max_length):  # unrolled: the transformer's state grows with every step
             log_probs, state, _ = decoder.step(tokens, state)
-            banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0) > 0
-            log_probs = tf.where(banned, -1e9, log_probs)
+            log_probs = policy_logits(log_probs)  # categorical renormalises over the rest
             drawn = tf.cast(tf.random.stateless_categorical(log_probs, 1, seed=seeds[t])[:, 0], tf.int32)
             drawn = tf.where(done, 0, drawn)  # finished rows are padded
             out = out.write(t, drawn)
@@ -148,6 +162,7 @@ def fine_tune(
         mask = tf.cast(seqs > 0, tf.float32)
         with tf.GradientTape() as tape:
             logits, _ = decoder.forward(feats, inputs)  # no dropout: the policy that sampled
+            logits = policy_logits(logits)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
             loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))
         grads = tape.gradient(loss, decoder.trainable_variables)

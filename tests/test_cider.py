@@ -11,12 +11,14 @@ REFS = {
     "b": ["two children play in the snow", "kids playing in snow", "two kids in the snow"],
     "c": ["a man rides a bike", "a man on a bicycle", "a person riding a bike down the street"],
     "d": ["a dog", "a dog a dog a dog", "dog"],  # repeats: the clipping matters
+    "e": ["a cat sleeps", "a cat on a sofa"],
 }
 HYPS = {
     "a": "a dog runs on the grass",  # equals a reference
     "b": "two two two kids in in the snow snow",  # repeated n-grams
     "c": "a bike",  # much shorter: the length penalty
     "d": "cat",  # nothing in common
+    "e": "",  # a sample that drew <end> first
 }
 
 

@@ -4,6 +4,7 @@ and the finetune stage on the tiny pipeline."""
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
@@ -69,6 +70,20 @@ def test_sampling_is_seeded_and_well_formed():
     assert strip_end([4, 5, 2, 0], 2) == [4, 5]
 
 
+def test_the_policy_excludes_the_tokens_it_never_samples():
+    """Loss log-probs come from the same distribution as the samples: no gradient reaches
+    <pad>, <start> or <unk>, so updates cannot drain probability into them."""
+    from captioning.scst import policy_logits
+
+    logits = tf.Variable(tf.random.normal((3, len(VOCAB))))
+    with tf.GradientTape() as tape:
+        logp = tf.nn.log_softmax(policy_logits(logits))
+        loss = -tf.reduce_sum(logp[:, 4]) + tf.reduce_sum(logp[:, 5])  # push "a" up, "red" down
+    grad = tape.gradient(loss, logits).numpy()
+    assert np.allclose(grad[:, [0, 1, 3]], 0.0) and not np.allclose(grad[:, [2, 4, 5, 6, 7, 8]], 0.0)
+    np.testing.assert_allclose(np.exp(logp.numpy())[:, [2, 4, 5, 6, 7, 8]].sum(axis=1), 1.0, rtol=1e-6)
+
+
 SETTINGS = SCSTSettings(samples=4, batch_size=6, learning_rate=0.05, epochs=4, patience=4, max_length=4, seed=3)
 
 
@@ -99,13 +114,31 @@ def test_fine_tuning_raises_val_cider_and_is_deterministic(tmp_path):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
-def test_a_stopped_run_resumes_on_the_same_path(tmp_path):
-    import dataclasses
+def test_a_killed_run_resumes_on_the_same_path(tmp_path):
+    class Killed(Exception):
+        pass
 
-    run(tmp_path, "ckpt", dataclasses.replace(SETTINGS, epochs=2))  # stopped after 2 epochs
-    state = json.loads((tmp_path / "ckpt/state.json").read_text())
-    state["complete"] = False  # as a run killed after its epoch-2 checkpoint would have left it
-    (tmp_path / "ckpt/state.json").write_text(json.dumps(state))
+    def kill_after_epoch_2(epoch, metrics):  # called once the epoch's checkpoint is written
+        if epoch == 2:
+            raise Killed
+
+    train, val = toy(18, 0), toy(6, 1)
+    base = len(VOCAB) + 1
+    with pytest.raises(Killed):
+        fine_tune(
+            tiny_decoder(),
+            VOCAB,
+            train,
+            val,
+            CiderD(train.references, base),
+            CiderD(val.references, base),
+            SETTINGS,
+            tmp_path / "ckpt",
+            on_epoch=kill_after_epoch_2,
+            progress=False,
+            log=lambda s: None,
+        )
+    assert json.loads((tmp_path / "ckpt/state.json").read_text())["epoch"] == 2
     messages = []
     resumed, r_state = run(tmp_path, "ckpt", log=messages.append)
     assert messages[0].startswith("resuming from") and "after epoch 2" in messages[0]
