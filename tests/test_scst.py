@@ -87,7 +87,7 @@ def test_the_policy_excludes_the_tokens_it_never_samples():
 SETTINGS = SCSTSettings(samples=4, batch_size=6, learning_rate=0.05, epochs=4, patience=4, max_length=4, seed=3)
 
 
-def run(tmp_path, name, settings=SETTINGS, decoder=None, log=None):
+def run(tmp_path, name, settings=SETTINGS, decoder=None, log=None, on_epoch=None):
     train, val = toy(18, 0), toy(6, 1)
     decoder = decoder or tiny_decoder()
     base = len(VOCAB) + 1
@@ -100,6 +100,7 @@ def run(tmp_path, name, settings=SETTINGS, decoder=None, log=None):
         CiderD(val.references, base),
         settings,
         tmp_path / name,
+        on_epoch=on_epoch,
         progress=False,
         log=log or (lambda s: None),
     )
@@ -122,22 +123,8 @@ def test_a_killed_run_resumes_on_the_same_path(tmp_path):
         if epoch == 2:
             raise Killed
 
-    train, val = toy(18, 0), toy(6, 1)
-    base = len(VOCAB) + 1
     with pytest.raises(Killed):
-        fine_tune(
-            tiny_decoder(),
-            VOCAB,
-            train,
-            val,
-            CiderD(train.references, base),
-            CiderD(val.references, base),
-            SETTINGS,
-            tmp_path / "ckpt",
-            on_epoch=kill_after_epoch_2,
-            progress=False,
-            log=lambda s: None,
-        )
+        run(tmp_path, "ckpt", on_epoch=kill_after_epoch_2)
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["epoch"] == 2
     messages = []
     resumed, r_state = run(tmp_path, "ckpt", log=messages.append)
