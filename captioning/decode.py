@@ -35,15 +35,21 @@ def caption_features(
 ):
     """``(captions, log_probs)`` for ``features`` (N, L, C) by batched beam search.
 
+    ``features``: an array or :class:`captioning.feature_store.FeatureRows`, read a batch at a time.
+
     Captions have at most ``max_length`` words; ``log_probs`` are the model's log-probability
     of each chosen caption (its words, and ``<end>`` when it ended before the limit).
     """
     from tqdm import tqdm
 
+    from .batching import prefetch
+
     step_fn = make_step_fn(decoder)
     captions, log_probs = [], []
-    for i in tqdm(range(0, len(features), batch_size), desc="captioning", unit="batch", disable=not progress):
-        batch = features[i : i + batch_size]
+    starts = range(0, len(features), batch_size)
+    # ``features`` may be FeatureRows (read from disk): the next batch is read during the search.
+    batches = prefetch((features[i : i + batch_size] for i in starts), depth=2)
+    for batch in tqdm(batches, total=len(starts), desc="captioning", unit="batch", disable=not progress):
         state = tuple(np.asarray(x) for x in decoder.initial_state(batch))
         seqs, _, raw = beam_search(
             step_fn, state, len(batch), beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty

@@ -8,6 +8,7 @@ the encoder code reruns only the stages it can change.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import h5py
@@ -57,7 +58,7 @@ def square_grid(num_locations: int) -> tuple:
 
 
 class FeatureStore:
-    """Read a features file: ``store.spec``, ``store.index[key]``, ``store.load(split_keys)``."""
+    """Read a features file: ``store.spec``, ``store.index[key]``, ``store.rows(keys)``, ``store.load(keys)``."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -76,15 +77,107 @@ class FeatureStore:
     def spec(self) -> EncoderSpec:
         return EncoderSpec.from_attrs(self.attrs)
 
-    def load(self, keys, pooled=False):
-        """``(len(keys), L, C)`` spatial features (or ``(len(keys), C)`` pooled) as float32."""
+    def content_hash(self) -> str:
+        """The hash of the feature bytes the features stage stored in the file, or (older files
+        without one) computed now by streaming the file in blocks: never the whole file in RAM."""
+        stored = self.attrs.get("content_hash")
+        if stored:
+            return str(stored)
+        with h5py.File(self.path, "r") as f:
+            return hash_features(f["spatial"], f["pooled"])
+
+    def rows(self, keys, pooled=False) -> FeatureRows:
+        """The features of ``keys`` (in that order) as a :class:`FeatureRows`, read on demand."""
         missing = [k for k in keys if k not in self.index]
         if missing:
             raise CaptioningError(f"{self.path}: no features for {len(missing)} images (first: {missing[0]})")
-        rows = np.array([self.index[k] for k in keys], dtype=np.int64)
-        with h5py.File(self.path, "r") as f:
-            dset = f["pooled" if pooled else "spatial"]
-            if 2 * len(rows) >= len(dset):  # most of the file: one contiguous read beats fancy indexing
-                return dset[:][rows].astype(np.float32)
-            wanted, where = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
-            return dset[wanted][where].astype(np.float32)
+        return FeatureRows(self, np.array([self.index[k] for k in keys], dtype=np.int64), pooled)
+
+    def load(self, keys, pooled=False):
+        """``(len(keys), L, C)`` spatial features (or ``(len(keys), C)`` pooled) as float32, in RAM.
+
+        For a handful of images (captioning, the gallery); whole splits go through :meth:`rows`.
+        """
+        with self.rows(keys, pooled) as rows:
+            return rows[np.arange(len(rows))]
+
+
+def hash_features(*datasets, block=1024) -> str:
+    """blake2b over the datasets' shapes and bytes, read ``block`` rows at a time."""
+    h = hashlib.blake2b(digest_size=16)
+    for d in datasets:
+        h.update(f"{d.shape}{d.dtype}".encode())
+        for i in range(0, len(d), block):
+            h.update(np.ascontiguousarray(d[i : i + block]).tobytes())
+    return h.hexdigest()
+
+
+class FeatureRows:
+    """A split's feature rows, read from disk when indexed: ``rows[idx]`` -> float32 array.
+
+    Stands in for the in-memory ``(N, L, C)`` array it replaces (``len``, ``shape``, integer,
+    array and slice indexing), so training and beam search take either, and a split never has
+    to fit in RAM. A read asks h5py for the sorted unique file rows, one slice per run of
+    consecutive rows (block-shuffled batches read a few long runs; a random batch, one short
+    read per row), then converts only those rows to float32. The HDF5 file stays open until
+    :meth:`close` (or the end of a ``with`` block).
+    """
+
+    def __init__(self, store: FeatureStore, file_rows, pooled=False):
+        self.store, self.file_rows = store, np.asarray(file_rows, dtype=np.int64)
+        self.name = "pooled" if pooled else "spatial"
+        item = (store.feature_dim,) if pooled else (store.num_locations, store.feature_dim)
+        self.shape = (len(self.file_rows), *item)
+        self._file = None
+
+    def __len__(self):
+        return len(self.file_rows)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def identity(self) -> str:
+        """What these rows hold, without reading them: the file's content hash and the row list."""
+        h = hashlib.blake2b(self.file_rows.tobytes(), digest_size=16)
+        return f"{self.store.content_hash()}:{self.name}:{h.hexdigest()}"
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            idx = np.arange(len(self))[idx]
+        scalar = np.ndim(idx) == 0
+        rows = self.file_rows[np.atleast_1d(np.asarray(idx, dtype=np.int64))]
+        out = self.read_file_rows(rows)
+        return out[0] if scalar else out
+
+    def read_file_rows(self, rows):
+        """float32 features of file ``rows`` (any order, repeats allowed)."""
+        if self._file is None:
+            self._file = h5py.File(self.store.path, "r")
+        dset = self._file[self.name]
+        wanted, where = np.unique(rows, return_inverse=True)
+        buf = np.empty((len(wanted), *dset.shape[1:]), dtype=dset.dtype)
+        # Runs of consecutive rows: [starts[i], starts[i] + lengths[i]).
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        at = 0
+        for run in np.split(wanted, breaks):
+            dset.read_direct(buf, np.s_[run[0] : run[-1] + 1], np.s_[at : at + len(run)])
+            at += len(run)
+        in_order = len(where) == len(wanted) and bool(np.all(np.diff(where) == 1))
+        return (buf if in_order else buf[where]).astype(np.float32, copy=False)
+
+
+def feature_identity(features) -> str:
+    """Identity of a feature array for a resume fingerprint: :meth:`FeatureRows.identity`, or the
+    bytes' hash of an in-memory array (small data, tests)."""
+    if isinstance(features, FeatureRows):
+        return features.identity()
+    arr = np.ascontiguousarray(features)
+    return hashlib.blake2b(f"{arr.shape}{arr.dtype}".encode() + arr.tobytes(), digest_size=16).hexdigest()

@@ -31,8 +31,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path, size: int) -> np.ndarray:
-    """``(size, size, 3)`` float32 RGB in 0..255, aspect squashed as the CNNs were trained."""
+def load_image(path, size: int, dtype=np.float32) -> np.ndarray:
+    """``(size, size, 3)`` RGB in 0..255 (float32, or uint8 for the feature pipeline), aspect
+    squashed as the CNNs were trained."""
     try:
         with warnings.catch_warnings():
             # Big photos are fine (JPEGs decode at reduced scale); only PIL's hard limit
@@ -53,4 +54,4 @@ def load_image(path, size: int) -> np.ndarray:
         raise ImageError(f"cannot decode: {e}") from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.float32)
+    return np.asarray(rgb, dtype=dtype)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .decode import NEVER_GENERATED
 from .errors import CaptioningError
+from .feature_store import feature_identity
 from .train import begin_or_resume, end_epoch, finish
 
 
@@ -41,9 +42,11 @@ class SCSTSettings:
 
 @dataclasses.dataclass
 class ImageSet:
-    """Images with their features and references: ``features`` (N, L, C), ``references`` [[ids]]."""
+    """Images with their features and references: ``features`` (N, L, C), ``references`` [[ids]].
 
-    features: np.ndarray
+    ``features``: FeatureRows (read from disk per batch) or an in-memory array."""
+
+    features: object
     references: list
 
 
@@ -256,6 +259,6 @@ def _fingerprint(decoder, settings, train, val) -> str:
     for w in decoder.weights:  # the starting model
         h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
     for data in (train, val):
-        h.update(np.ascontiguousarray(data.features).tobytes())
+        h.update(feature_identity(data.features).encode())  # by identity: never every feature byte
         h.update(json.dumps(data.references, default=int).encode())
     return h.hexdigest()

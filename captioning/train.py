@@ -18,25 +18,44 @@ import h5py
 import numpy as np
 
 from .errors import CaptioningError
+from .feature_store import feature_identity
 from .files import atomic_path
 
 
 @dataclasses.dataclass
 class CaptionSet:
-    """Training examples: one row per caption, pointing at its image's features."""
+    """Training examples: one row per caption, pointing at its image's features.
 
-    features: np.ndarray  # (N_images, L, C) float32
+    ``features`` is a :class:`captioning.feature_store.FeatureRows` (rows read from disk a
+    batch at a time) or, for small data, the same rows as an in-memory array.
+    """
+
+    features: object  # (N_images, L, C): FeatureRows or a float32 array
     tokens: np.ndarray  # (N_captions, T) int32, <start> ... <end> then 0 padding
     image_rows: np.ndarray  # (N_captions,) row of each caption's image in ``features``
 
-    def batches(self, batch_size, rng=None):
-        """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption."""
-        order = np.arange(len(self.tokens)) if rng is None else rng.permutation(len(self.tokens))
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            toks = self.tokens[idx]
-            width = int((toks > 0).sum(axis=1).max())
-            yield self.features[self.image_rows[idx]], toks[:, :width]
+    def batches(self, batch_size, rng=None, bucket=0, block=1, prefetch_depth=2):
+        """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption.
+
+        With ``rng``: the seeded epoch order of :func:`captioning.batching.batch_order`. Without
+        (evaluation): every caption in file order, or sorted by length when ``bucket`` > 1. The
+        order is fixed before the first batch is read; a thread reads ``prefetch_depth`` ahead.
+        """
+        from .batching import batch_order, prefetch
+
+        lengths = (self.tokens > 0).sum(axis=1)
+        if rng is not None:
+            order = batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block)
+        else:
+            seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
+            order = [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)]
+
+        def read():
+            for idx in order:
+                toks = self.tokens[idx]
+                yield self.features[self.image_rows[idx]], toks[:, : int(lengths[idx].max())]
+
+        return prefetch(read(), prefetch_depth) if prefetch_depth > 0 else read()
 
 
 @dataclasses.dataclass
@@ -49,6 +68,8 @@ class FitSettings:
     attention_reg: float = 0.01  # weight of the decoder's own loss term (the attention prior)
     clip_norm: float = 5.0
     seed: int = 0
+    bucket: int = 0  # batches per length-sorting pool (0 or 1: plain shuffle); see batching.py
+    read_block: int = 1  # images per shuffled block of feature rows (1: any image with any)
 
 
 LOGGED = ("train_loss", "val_loss", "val_perplexity", "learning_rate")  # per-epoch curves
@@ -67,9 +88,13 @@ def _fingerprint(model, settings, train, val) -> str:
     h = hashlib.blake2b(digest_size=16)
     path = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("epochs", "patience")}
     h.update(json.dumps([type(model).__name__, model.settings(), path], sort_keys=True).encode())
-    for arr in (train.features, train.tokens, train.image_rows, val.features, val.tokens, val.image_rows):
-        h.update(str(arr.shape).encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
+    for data in (train, val):
+        # The features by identity (the file's stored content hash and the rows used), never
+        # by reading every byte: a COCO-sized file is tens of GB.
+        h.update(feature_identity(data.features).encode())
+        for arr in (data.tokens, data.image_rows):
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
 
 
@@ -191,7 +216,7 @@ def fit(
         total, n = 0.0, 0
         n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
         bar = tqdm(
-            train.batches(settings.batch_size, rng),
+            train.batches(settings.batch_size, rng, bucket=settings.bucket, block=settings.read_block),
             total=n_batches,
             desc=f"epoch {epoch}",
             unit="batch",
@@ -209,7 +234,7 @@ def fit(
             total, n = total + loss * len(toks), n + len(toks)
             bar.set_postfix(loss=f"{total / n:.3f}")
         ce, count = 0.0, 0.0
-        for feats, toks in val.batches(settings.batch_size):
+        for feats, toks in val.batches(settings.batch_size, bucket=settings.bucket):
             s, c = val_step(feats, toks)
             ce, count = ce + float(s), count + float(c)
         val_loss = ce / count

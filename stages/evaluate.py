@@ -52,7 +52,7 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     hyps, log_probs = caption_features(
         model.decoder,
         model.vocab,
-        store.load(keys),
+        store.rows(keys),  # read from disk a batch at a time
         beam_size=p.beam_size,
         max_length=p.max_length,
         length_penalty=p.length_penalty,

@@ -33,7 +33,7 @@ def image_set(store, captions_h5, split):
         if image in store.index:  # images the features stage skipped are left out
             refs.setdefault(image, []).append([int(t) for t in row if t >= 3])  # words and <unk>
     keys = sorted(refs)
-    return ImageSet(store.load(keys), [refs[k] for k in keys])
+    return ImageSet(store.rows(keys), [refs[k] for k in keys])  # features read from disk per batch
 
 
 @click.command()

@@ -26,10 +26,12 @@ class Params:
     epochs: int = config.field(lo=1)
     patience: int = config.field(lo=1)
     clip_norm: float = config.field(lo=0.0)
+    bucket: int = config.field(lo=0)  # batches per length-sorted pool (0: plain shuffle); less padding
+    read_block: int = config.field(lo=1)  # images per shuffled block of feature rows (1: full shuffle)
 
 
 def load_split(store, captions_h5, split):
-    """Features and captions of one split as a CaptionSet."""
+    """Features (read from disk a batch at a time) and captions of one split as a CaptionSet."""
     from captioning.train import CaptionSet
     from captioning.vocab import load_encoded
 
@@ -40,7 +42,7 @@ def load_split(store, captions_h5, split):
     row = {k: i for i, k in enumerate(have)}
     keep = np.array([im in row for im in images], dtype=bool)
     return CaptionSet(
-        store.load(have),
+        store.rows(have),
         tokens[keep].astype(np.int32),
         np.array([row[im] for im in images if im in row], dtype=np.int64),
     )
@@ -104,6 +106,8 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
         attention_reg=p.attention_reg,
         clip_norm=p.clip_norm,
         seed=seed,
+        bucket=p.bucket,
+        read_block=p.read_block,
     )
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
 

@@ -1,5 +1,6 @@
 """Feature extraction into HDF5: shapes and attributes, skips, and resume after SIGKILL."""
 
+import json
 import os
 import signal
 import subprocess
@@ -33,7 +34,7 @@ def test_features_file_layout(tmp_path, shapes_dir):
         np.testing.assert_allclose(
             f["pooled"][:].astype(np.float32), f["spatial"][:].astype(np.float32).mean(1), atol=2e-2, rtol=1e-2
         )
-    assert rep["images"] == 24 and rep["skipped"] == [] and not (tmp_path / "f.h5.partial").exists()
+    assert rep["images"] == 24 and rep["skipped"] == [] and not (tmp_path / "f.h5.partial.h5").exists()
     store = FeatureStore(tmp_path / "f.h5")
     assert store.spec == SPEC and store.load(keys[:2]).shape == (2, 16, 256)
 
@@ -71,43 +72,109 @@ from captioning.encoder import extract_features
 from captioning.feature_store import EncoderSpec
 spec = EncoderSpec(**{spec})
 keys = {keys}
-# slow each chunk down so the parent can kill us part-way, deterministically
-extract_features(spec, {images!r}, keys, {out!r}, batch_size=2, chunk_batches=1, progress=False,
-                 on_chunk=lambda c: time.sleep(0.3))
+
+def on_chunk(c):  # tell the parent a chunk is done, then slow down so it can kill us part-way
+    with open({marker!r}, "a") as m:
+        m.write("x")
+    time.sleep(0.3)
+
+extract_features(spec, {images!r}, keys, {out!r}, batch_size=2, chunk_batches=1, progress=False, on_chunk=on_chunk)
 """
 
 
 def test_sigkill_leaves_no_output_and_rerun_resumes_to_identical_file(tmp_path, shapes_dir):
     keys = keys_of(shapes_dir)
-    images, out = str(shapes_dir / "images"), tmp_path / "killed.h5"
-    script = KILLABLE.format(spec=SPEC.__dict__, keys=keys, images=images, out=str(out))
+    images, out, marker = str(shapes_dir / "images"), tmp_path / "killed.h5", tmp_path / "chunks-done"
+    script = KILLABLE.format(spec=SPEC.__dict__, keys=keys, images=images, out=str(out), marker=str(marker))
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    partial = tmp_path / "killed.h5.partial"
+    partial = tmp_path / "killed.h5.partial.h5"
+
+    def chunks_done():
+        return len(marker.read_text()) if marker.exists() else 0
+
     deadline = time.time() + 120
-    while len(list(partial.glob("chunk-*.h5"))) < 3 and time.time() < deadline and proc.poll() is None:
+    while chunks_done() < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(partial.glob("chunk-*.h5")))
+    done_before = chunks_done()
     assert 3 <= done_before < 12, "the run should have been killed part-way"
-    assert not out.exists()  # nothing at the declared output path
+    assert not out.exists() and partial.exists()  # nothing at the declared output path, rows kept aside
 
     rep = extract_features(SPEC, images, keys, out, batch_size=2, chunk_batches=1, progress=False)
-    assert rep["resumed_images"] == 2 * done_before and rep["encoded_images"] == 24 - 2 * done_before
+    # The kill may land between a chunk's done flag and the parent's marker: one chunk more.
+    assert rep["resumed_images"] in (2 * done_before, 2 * done_before + 2)
+    assert rep["encoded_images"] == 24 - rep["resumed_images"]
     extract_features(SPEC, images, keys, tmp_path / "clean.h5", batch_size=2, chunk_batches=1, progress=False)
     with h5py.File(out) as a, h5py.File(tmp_path / "clean.h5") as b:
         for name in ("spatial", "pooled"):
             np.testing.assert_array_equal(a[name][:], b[name][:])
         assert list(a["images"].asstr()[:]) == list(b["images"].asstr()[:])
         assert dict(a.attrs).keys() == dict(b.attrs).keys()
+        assert a.attrs["content_hash"] == b.attrs["content_hash"]
     assert not partial.exists()
 
 
-def test_stale_partial_work_from_other_settings_is_discarded(tmp_path, shapes_dir):
+def test_rows_are_written_in_place_into_a_presized_file(tmp_path, shapes_dir):
+    """Incremental writing: after each chunk its rows are in the partial file (sized for every
+    image from the start), the rest still zero, and the ledger lists the finished chunks."""
+    keys = keys_of(shapes_dir)
+    seen = []
+
+    def on_chunk(c):
+        with h5py.File(tmp_path / "f.h5.partial.h5", "r") as f:  # the writer's own handle, shared
+            filled = np.abs(f["spatial"][:].astype(np.float32)).sum(axis=(1, 2)) > 0
+            done = json.loads((tmp_path / "f.h5.partial.json").read_text())["done"]
+            seen.append((f["spatial"].shape, done, int(filled.sum())))
+
+    extract_features(
+        SPEC,
+        shapes_dir / "images",
+        keys,
+        tmp_path / "f.h5",
+        batch_size=4,
+        chunk_batches=2,
+        progress=False,
+        on_chunk=on_chunk,
+    )
+    assert seen == [((24, 16, 256), [0], 8), ((24, 16, 256), [0, 1], 16), ((24, 16, 256), [0, 1, 2], 24)]
+
+
+def test_content_hash_identifies_the_features(tmp_path, shapes_dir):
+    from captioning.feature_store import hash_features
+
+    images = shapes_dir / "images"
+    (images / "zz_broken.jpg").write_bytes(b"not a jpeg")  # the copy-without-skips path too
+    keys = keys_of(shapes_dir)
+    for name, ks in (("all.h5", keys[:-1]), ("skips.h5", keys)):
+        extract_features(SPEC, images, ks, tmp_path / name, batch_size=8, max_bad_fraction=0.1, progress=False)
+        with h5py.File(tmp_path / name) as f:
+            assert f.attrs["content_hash"] == hash_features(f["spatial"], f["pooled"])
+            assert set(f) == {"images", "spatial", "pooled"}  # the documented layout, nothing else
+        assert FeatureStore(tmp_path / name).content_hash() == FeatureStore(tmp_path / "all.h5").content_hash()
+
+
+def test_stale_or_broken_partial_work_is_discarded(tmp_path, shapes_dir):
+    from captioning.encoder import _fingerprint
+
     keys = keys_of(shapes_dir)[:4]
-    partial = tmp_path / "f.h5.partial"
-    partial.mkdir()
-    (partial / "fingerprint").write_text("other settings")
-    (partial / "chunk-00000.h5").write_bytes(b"junk")
-    rep = extract_features(SPEC, shapes_dir / "images", keys, tmp_path / "f.h5", batch_size=4, progress=False)
-    assert rep["resumed_images"] == 0 and rep["images"] == 4
+    images = shapes_dir / "images"
+    clean = extract_features(SPEC, images, keys, tmp_path / "clean.h5", batch_size=4, progress=False)
+    assert clean["resumed_images"] == 0
+    cases = {
+        "other.h5": ({"fingerprint": "other settings", "done": [0], "errors": {}}, None),  # another run's work
+        "junk.h5": ({"fingerprint": _fingerprint(SPEC, keys, 4, "float16"), "done": [0], "errors": {}}, b"junk"),
+    }
+    for name, (ledger, junk) in cases.items():
+        partial = tmp_path / f"{name}.partial.h5"
+        if junk:  # killed while the file was being created: the ledger cannot be trusted
+            partial.write_bytes(junk)
+        else:
+            with h5py.File(partial, "w") as f:
+                f["spatial"] = np.ones((4, 16, 256), np.float16)
+        (tmp_path / f"{name}.partial.json").write_text(json.dumps(ledger))
+        rep = extract_features(SPEC, images, keys, tmp_path / name, batch_size=4, progress=False)
+        assert rep["resumed_images"] == 0 and rep["images"] == 4, name
+        assert not partial.exists() and not (tmp_path / f"{name}.partial.json").exists()
+        with h5py.File(tmp_path / name) as a, h5py.File(tmp_path / "clean.h5") as b:
+            np.testing.assert_array_equal(a["spatial"][:], b["spatial"][:])

@@ -1,6 +1,7 @@
 """Training: learns, resumes after SIGKILL from the last checkpoint, and is deterministic."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,16 +17,41 @@ from captioning.errors import CaptioningError
 from captioning.train import CaptionSet, FitSettings, best_epoch_metrics, fit
 
 
-def toy_sets(seed=0):
-    """Image i has one of 3 'colours' in its features; its caption names that colour."""
+def toy_sets(seed=0, h5=None):
+    """Image i has one of 3 'colours' in its features; its caption names that colour.
+
+    ``h5``: write the features to that HDF5 file (the features stage's layout) and stream them
+    from it, as the train stage does; captions then vary in length (1-3 words before the colour).
+    """
     rng = np.random.default_rng(seed)
     labels = np.arange(30) % 3
     feats = rng.normal(size=(30, 4, 6)).astype("float32") * 0.1
     feats[np.arange(30), :, labels] += 2.0
-    tokens = np.array([[1, 4, 5 + lab, 2] for lab in labels], dtype="int32")  # <start> a <colour> <end>
-    train = CaptionSet(feats[:24], tokens[:24], np.arange(24))
-    val = CaptionSet(feats[24:], tokens[24:], np.arange(6))
-    return train, val
+    if h5 is None:
+        tokens = np.array([[1, 4, 5 + lab, 2] for lab in labels], dtype="int32")  # <start> a <colour> <end>
+        return CaptionSet(feats[:24], tokens[:24], np.arange(24)), CaptionSet(feats[24:], tokens[24:], np.arange(6))
+    tokens = np.zeros((30, 6), "int32")
+    for i, lab in enumerate(labels):
+        words = [4] * (1 + i % 3) + [5 + lab]
+        tokens[i, : len(words) + 2] = [1, *words, 2]
+    store = write_features(h5, feats)
+    train = CaptionSet(store.rows(store.keys[:24]), tokens[:24], np.arange(24))
+    return train, CaptionSet(store.rows(store.keys[24:]), tokens[24:], np.arange(6))
+
+
+def write_features(path, feats):
+    """A features file of the features stage's layout holding ``feats`` (N, L, C) as float16."""
+    import h5py
+
+    from captioning.feature_store import FeatureStore, hash_features
+
+    with h5py.File(path, "w") as f:
+        f["spatial"], f["pooled"] = feats.astype("float16"), feats.mean(1).astype("float16")
+        f.create_dataset(
+            "images", data=np.array([f"im{i}" for i in range(len(feats))], dtype=object), dtype=h5py.string_dtype()
+        )
+        f.attrs["content_hash"] = hash_features(f["spatial"], f["pooled"])
+    return FeatureStore(path)
 
 
 TINY = {
@@ -138,16 +164,22 @@ def test_same_seed_same_weights(tmp_path):
 KILLABLE = """
 import time, sys
 sys.path.insert(0, {tests!r})
-from test_train import toy_sets, make_model, SETTINGS
+from test_train import toy_sets, make_model, settings_for
 from captioning.train import fit
-train, val = toy_sets()
-fit(make_model(), train, val, SETTINGS, {ckpt!r}, on_epoch=lambda e, m: time.sleep(1.0), progress=False)
+train, val = toy_sets(h5={h5!r})
+fit(make_model(), train, val, settings_for({h5!r}), {ckpt!r}, on_epoch=lambda e, m: time.sleep(1.0), progress=False)
 """
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    script = KILLABLE.format(tests=os.path.dirname(__file__), ckpt=str(ckpt))
+def settings_for(h5):
+    """Streamed features train with length buckets and block-shuffled reads, as a COCO run would."""
+    return SETTINGS if h5 is None else dataclasses.replace(SETTINGS, bucket=2, read_block=4)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, streamed):
+    ckpt, h5 = tmp_path / "ckpt", (str(tmp_path / "features.h5") if streamed else None)
+    script = KILLABLE.format(tests=os.path.dirname(__file__), ckpt=str(ckpt), h5=h5)
     proc = subprocess.Popen(
         [sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL
     )
@@ -163,17 +195,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert 2 <= epoch < SETTINGS.epochs, "the run should have been killed part-way"
 
-    train, val = toy_sets()
+    train, val = toy_sets(h5=h5)
     messages, logged = [], []
     resumed = make_model()
     state = fit(
-        resumed, train, val, SETTINGS, ckpt, on_epoch=lambda e, m: logged.append(e), progress=False, log=messages.append
+        resumed,
+        train,
+        val,
+        settings_for(h5),
+        ckpt,
+        on_epoch=lambda e, m: logged.append(e),
+        progress=False,
+        log=messages.append,
     )
     assert messages[0].startswith("resuming from") and f"after epoch {epoch}" in messages[0]
     assert logged == [1, 2, 3, 4, 5, 6]  # history replayed, then continued
 
     clean = make_model()
-    clean_state = fit(clean, train, val, SETTINGS, tmp_path / "clean", progress=False, log=lambda s: None)
+    clean_state = fit(clean, train, val, settings_for(h5), tmp_path / "clean", progress=False, log=lambda s: None)
     assert state["history"][-1]["val_loss"] == clean_state["history"][-1]["val_loss"]
     for a, b in zip(resumed.weights, clean.weights):  # same path, up to float rounding
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
@@ -192,3 +231,33 @@ def test_empty_val_split_is_a_clear_error(tmp_path):
     empty = CaptionSet(val.features, val.tokens[:0], val.image_rows[:0])
     with pytest.raises(CaptioningError, match="both the train and the val split"):
         fit(make_model(), train, empty, SETTINGS, tmp_path / "c", progress=False)
+
+
+def test_streamed_features_train_exactly_as_in_memory_ones(tmp_path):
+    """The same rows from disk (FeatureRows) or from RAM give the same trajectory, bit for bit."""
+    streamed, val_streamed = toy_sets(h5=tmp_path / "f.h5")
+    in_ram = CaptionSet(streamed.features[np.arange(24)], streamed.tokens, streamed.image_rows)
+    val_ram = CaptionSet(val_streamed.features[np.arange(6)], val_streamed.tokens, val_streamed.image_rows)
+    settings = settings_for("streamed")
+    weights = []
+    for name, (tr, va) in {"disk": (streamed, val_streamed), "ram": (in_ram, val_ram)}.items():
+        m = make_model()
+        fit(m, tr, va, settings, tmp_path / name, progress=False, log=lambda s: None)
+        weights.append([w.numpy() for w in m.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_fingerprint_uses_the_file_identity_not_its_bytes(tmp_path, monkeypatch):
+    """Streamed features are fingerprinted by the stored content hash (no feature is read)."""
+    from captioning import feature_store
+    from captioning.train import _fingerprint
+
+    train, val = toy_sets(h5=tmp_path / "f.h5")
+    reads = []
+    real = feature_store.FeatureRows.read_file_rows
+    monkeypatch.setattr(feature_store.FeatureRows, "read_file_rows", lambda self, r: reads.append(r) or real(self, r))
+    fp = _fingerprint(make_model(), SETTINGS, train, val)
+    assert reads == [] and fp == _fingerprint(make_model(), SETTINGS, train, val)
+    other, _ = toy_sets(seed=1, h5=tmp_path / "g.h5")  # other features: another trajectory
+    assert _fingerprint(make_model(), SETTINGS, other, val) != fp

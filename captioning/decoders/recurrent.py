@@ -62,6 +62,18 @@ class RecurrentDecoder(Decoder):
     def make_cell(self, units):
         raise NotImplementedError
 
+    def gates(self, gx, gh, states):
+        """The cell's update from its summed input projection ``gx`` (N, G) (input bias
+        included) and recurrent projection ``gh`` (N, G); returns the new states tuple."""
+        raise NotImplementedError
+
+    def recurrent_bias(self):
+        """Bias added to ``h @ recurrent_kernel`` (a GRU's reset-after bias), or None."""
+        return None
+
+    def input_bias(self):
+        return self.cell.bias
+
     # ---- pieces shared by training and decoding -------------------------------------------
     def initial_state(self, features):
         """features (B, L, C) -> (h0, [c0,] feats (B, L, C), keys (B, L, A) or a (B, L, 1) dummy)."""
@@ -73,24 +85,48 @@ class RecurrentDecoder(Decoder):
         keys = self.att_keys(f) if self.attention else tf.zeros_like(f[:, :, :1])  # (B, L, A)
         return (*states, f, keys)
 
-    def _attend(self, h, f, keys):
-        """Soft attention: returns context (B, C) and weights alpha (B, L)."""
-        q = self.att_query(h)[:, None, :]  # (B, 1, A)
-        e = tf.squeeze(self.att_score(tf.tanh(keys + q)), -1)  # (B, L)
-        alpha = tf.nn.softmax(e, axis=-1)
-        ctx = tf.reduce_sum(alpha[:, :, None] * f, axis=1)  # (B, C)
-        return self.att_gate(h) * ctx, alpha
+    def _fused(self):
+        """The per-step weights, fused so each time step runs few, larger matrix products.
 
-    def _recur(self, emb_t, states, f, keys):
-        """One cell step: emb_t (B, E) -> states', ctx (B, C or 0), alpha (B, L)."""
+        Everything a step computes from the previous hidden state h (the cell's recurrent
+        projection, the attention query, the attention gate) is one ``h @ W_h``; the cell's
+        input projection splits into a word part (applied to every step at once, outside the
+        time loop) and a context part. The Keras layers keep owning the weights, so checkpoints
+        and saved models are unchanged; only the order of float additions differs.
+        """
+        if not self.cell.built:  # the cell's input: the word embedding [+ the context]
+            self.cell.build((None, self.embed_dim + (self.feature_dim if self.attention else 0)))
+        kernel, w_h = self.cell.kernel, [self.cell.recurrent_kernel]  # (E [+ C], G), (U, G)
         if self.attention:
-            ctx, alpha = self._attend(states[0], f, keys)
-            x = tf.concat([emb_t, ctx], axis=-1)
+            for layer in (self.att_query, self.att_gate):
+                if not layer.built:
+                    layer.build((None, self.units))
+            w_h += [self.att_query.kernel, self.att_gate.kernel]  # (U, A), (U, 1)
+        return {
+            "w_h": tf.concat(w_h, axis=1),  # (U, G [+ A + 1])
+            "k_word": kernel[: self.embed_dim],  # (E, G)
+            "k_ctx": kernel[self.embed_dim :],  # (C, G) or (0, G)
+            "b_in": self.input_bias(),  # (G,)
+            "b_rec": self.recurrent_bias(),  # (G,) or None
+        }
+
+    def _recur(self, gx_word, states, f, keys, w):
+        """One step: gx_word (B, G) (the word's input projection) -> states', ctx (B, C or 0), alpha (B, L)."""
+        hw = tf.matmul(states[0], w["w_h"])  # (B, G [+ A + 1]): all that reads h, in one product
+        g = w["k_word"].shape[-1]
+        # tf.split, not slicing: its gradient is one concat, a slice's is a zero-padded copy per piece
+        parts = tf.split(hw, [g, self.attention_units, 1], axis=1) if self.attention else [hw]
+        gh = parts[0] if w["b_rec"] is None else parts[0] + w["b_rec"]
+        if self.attention:
+            q = parts[1]  # (B, A) the attention query
+            gate = tf.sigmoid(parts[2] + self.att_gate.bias)  # (B, 1) SAT's beta
+            e = tf.squeeze(self.att_score(tf.tanh(keys + q[:, None, :])), -1)  # (B, L)
+            alpha = tf.nn.softmax(e, axis=-1)
+            ctx = gate * tf.squeeze(tf.matmul(alpha[:, None, :], f), 1)  # (B, C)
+            gx = gx_word + tf.matmul(ctx, w["k_ctx"])  # (B, G)
         else:
-            ctx, alpha = tf.zeros_like(emb_t[:, :0]), tf.zeros_like(f[:, :, 0])
-            x = emb_t
-        _, states = self.cell(x, list(states))
-        return tuple(states), ctx, alpha
+            ctx, alpha, gx = tf.zeros_like(gx_word[:, :0]), tf.zeros_like(f[:, :, 0]), gx_word
+        return self.gates(gx, gh, states), ctx, alpha
 
     def _logits(self, h, ctx, emb, seed=None):
         z = dropout(self.out_hidden(tf.concat([h, ctx, emb], axis=-1)), self.dropout, seed)
@@ -107,14 +143,15 @@ class RecurrentDecoder(Decoder):
             emb_seed, out_seed = dropout_seeds(dropout_seed)
         *states, f, keys = self.initial_state(features)
         emb = dropout(self.embed(tokens_in), self.dropout, emb_seed)  # (B, T, E)
+        w = self._fused()
+        gx_words = tf.tensordot(emb, w["k_word"], 1) + w["b_in"]  # (B, T, G): one product for all steps
 
-        def step(carry, emb_t):
-            new_states, ctx, alpha = self._recur(emb_t, carry[0], f, keys)
-            return new_states, ctx, alpha
+        def step(carry, gx_t):
+            return self._recur(gx_t, carry[0], f, keys, w)
 
         ctx0 = tf.zeros_like(f[:, 0, :]) if self.attention else tf.zeros_like(states[0][:, :0])
         init = (tuple(states), ctx0, tf.zeros_like(f[:, :, 0]))
-        hs, ctxs, alphas = tf.scan(step, tf.transpose(emb, [1, 0, 2]), initializer=init)  # time-major
+        hs, ctxs, alphas = tf.scan(step, tf.transpose(gx_words, [1, 0, 2]), initializer=init)  # time-major
         hs = hs[0]  # the hidden state of every step
         hs, ctxs, alphas = (tf.transpose(x, [1, 0, 2]) for x in (hs, ctxs, alphas))  # (B, T, .)
         return self._logits(hs, ctxs, emb, out_seed), {"attention": alphas}
@@ -127,6 +164,7 @@ class RecurrentDecoder(Decoder):
         """tokens (N,), state -> log-probs (N, V), state', alpha (N, L)."""
         *states, f, keys = state
         emb = self.embed(tokens)  # (N, E)
-        states, ctx, alpha = self._recur(emb, tuple(states), f, keys)
+        w = self._fused()
+        states, ctx, alpha = self._recur(tf.matmul(emb, w["k_word"]) + w["b_in"], tuple(states), f, keys, w)
         log_probs = tf.nn.log_softmax(self._logits(states[0], ctx, emb), axis=-1)
         return log_probs, (*states, f, keys), alpha

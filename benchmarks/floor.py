@@ -1,0 +1,166 @@
+"""How close one training epoch runs to the machine's arithmetic floor.
+
+    python -m benchmarks.floor FEATURES CAPTIONS [--batch 128 --units 512 ...] [--in-memory] [--bucket 16]
+
+Measures, in one run: the large-sgemm rate of this machine (2048x2048x2048 float32 through
+TensorFlow, the engine training uses), the FLOPs of one epoch's *real* tokens (padding not
+counted; forward + backward = 3x forward, plus the val pass), and the wall time of one epoch of
+``captioning.train.fit`` on the given features. Prints epoch time / floor. The defaults are
+benchmarks/flickr8k.sh's model; ``--preset default`` is the default pipeline's GRU-256.
+
+Works against an older checkout too (``PYTHONPATH=OLD_CHECKOUT``), for before/after figures:
+options the older code lacks (streaming, bucketing) are then left out and said so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+PRESETS = {
+    "flickr8k": dict(embed_dim=256, units=512, attention_units=256, dropout=0.3, batch=128, lr=1e-3, reg=0.01),
+    "default": dict(embed_dim=128, units=256, attention_units=128, dropout=0.2, batch=64, lr=2e-3, reg=0.0),
+}
+
+
+def sgemm_gflops(n=2048, repeats=10) -> float:
+    """Best-of-``repeats`` float32 matmul rate through TensorFlow, in GFLOP/s."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a, b = (tf.constant(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    tf.matmul(a, b).numpy()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tf.matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def forward_flops(kind, attention, E, U, A, V, L, C):
+    """(per real token, per caption) forward FLOPs of a recurrent decoder: its matrix products."""
+    G = (3 if kind == "gru" else 4) * U
+    ctx = C if attention else 0
+    tok = 2 * (E + ctx) * G + 2 * U * G  # cell: input and recurrent projections
+    if attention:
+        tok += 2 * U * (A + 1) + 2 * L * A + 2 * L * C  # query, gate, scores, context
+    tok += 2 * (U + ctx + E) * E + 2 * E * V  # deep output, logits
+    cap = (2 * L * C * A if attention else 0) + 2 * C * U * (2 if kind == "lstm" else 1)  # keys, init
+    return tok, cap
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@click.command()
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.argument("captions", type=click.Path(exists=True, dir_okay=False))
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="flickr8k", show_default=True)
+@click.option("--decoder", "kind", type=click.Choice(["gru", "lstm"]), default="gru", show_default=True)
+@click.option("--attention/--no-attention", default=True)
+@click.option("--in-memory", is_flag=True, help="Load the split into RAM (the old way) instead of streaming it.")
+@click.option("--bucket", default=16, show_default=True, help="Batches per length-sorted pool (0: plain shuffle).")
+@click.option("--read-block", default=1, show_default=True, help="Images per shuffled block of feature rows.")
+@click.option("--max-captions", default=0, help="Train on the first N captions only (0: all).")
+@click.option("--seed", default=42, show_default=True)
+def main(features, captions, preset, kind, attention, in_memory, bucket, read_block, max_captions, seed):
+    from captioning.cli import seed_everything
+
+    seed_everything(seed)
+    from captioning import train as train_mod
+    from captioning.decoders import build_decoder
+    from captioning.feature_store import FeatureStore
+    from captioning.vocab import load_encoded
+
+    cfg = PRESETS[preset]
+    gflops = sgemm_gflops()
+    store = FeatureStore(features)
+    streaming = hasattr(store, "rows") and not in_memory
+    notes = [] if hasattr(store, "rows") else ["older code: features in RAM, no bucketing"]
+
+    def split(name):
+        images, tokens = load_encoded(captions, name)
+        if max_captions and name == "train":
+            images, tokens = images[:max_captions], tokens[:max_captions]
+        keys = sorted(set(images) & set(store.index))
+        row = {k: i for i, k in enumerate(keys)}
+        keep = np.array([im in row for im in images])
+        feats = store.rows(keys) if streaming else store.load(keys)
+        rows = np.array([row[im] for im in images if im in row], dtype=np.int64)
+        return train_mod.CaptionSet(feats, tokens[keep].astype(np.int32), rows)
+
+    train, val = split("train"), split("val")
+    V = int(max(train.tokens.max(), val.tokens.max())) + 1
+    model = build_decoder(
+        kind,
+        vocab_size=V,
+        feature_dim=store.feature_dim,
+        num_locations=store.num_locations,
+        attention=attention,
+        embed_dim=cfg["embed_dim"],
+        units=cfg["units"],
+        attention_units=cfg["attention_units"],
+        dropout=cfg["dropout"],
+    )
+    wanted = dict(
+        batch_size=cfg["batch"],
+        learning_rate=cfg["lr"],
+        epochs=1,
+        patience=1,
+        attention_reg=cfg["reg"] if attention else 0.0,
+        seed=seed,
+        bucket=bucket,
+        read_block=read_block,
+    )
+    fields = {f.name for f in dataclasses.fields(train_mod.FitSettings)}
+    settings = train_mod.FitSettings(**{k: v for k, v in wanted.items() if k in fields})
+    with tempfile.TemporaryDirectory() as tmp:
+        state = train_mod.fit(
+            model, train, val, settings, os.path.join(tmp, "ckpt"), progress=False, log=lambda m: None
+        )
+    epoch_s = state["history"][0]["seconds"]
+
+    tok, cap = forward_flops(
+        kind,
+        attention,
+        cfg["embed_dim"],
+        cfg["units"],
+        cfg["attention_units"],
+        V,
+        store.num_locations,
+        store.feature_dim,
+    )
+
+    def real(data):  # (real target tokens, captions): what the decoder must compute, no padding
+        return int((data.tokens[:, 1:] > 0).sum()), len(data.tokens)
+
+    (t_tok, t_cap), (v_tok, v_cap) = real(train), real(val)
+    flops = 3 * (t_tok * tok + t_cap * cap) + (v_tok * tok + v_cap * cap)  # train fwd+bwd, val fwd
+    floor_s = flops / (gflops * 1e9)
+    print(
+        f"{kind}{'+att' if attention else ''} E{cfg['embed_dim']} U{cfg['units']} A{cfg['attention_units']} V{V}"
+        f" L{store.num_locations} C{store.feature_dim} batch {cfg['batch']}:"
+        f" {t_cap} train captions ({t_tok} real tokens), {v_cap} val;"
+        f" {tok / 1e6:.2f} MFLOP/token + {cap / 1e6:.1f} MFLOP/caption forward;"
+        f" epoch {flops / 1e12:.2f} TFLOP"
+    )
+    mode = ("streamed from disk" if streaming else "in RAM") + (f", bucket {bucket}" if "bucket" in fields else "")
+    print(
+        f"sgemm {gflops:.0f} GFLOP/s -> floor {floor_s:.1f} s; epoch {epoch_s:.1f} s ({mode});"
+        f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB"
+        + (f"; {'; '.join(notes)}" if notes else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
