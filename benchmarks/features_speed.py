@@ -68,7 +68,8 @@ def main(image_dir, backbone, weights, layer, alpha, image_size, batch_size, lim
     size = f", upscaled to {upscale} JPEGs" if upscale else ""
     print(
         f"{backbone} (alpha {alpha}, {weights}) {image_size}px batch {batch_size}, {len(keys)} images{size},"
-        f" {os.cpu_count()} CPUs, decode threads {decode_threads or 'default'}: end to end {rep['images_per_second']:.1f} img/s,"
+        f" {os.cpu_count()} CPUs, decode threads {decode_threads or 'default'}:"
+        f" end to end {rep['images_per_second']:.1f} img/s,"
         f" forward only {fwd:.1f} img/s ({rep['images_per_second'] / fwd:.0%} of forward)"
     )
 

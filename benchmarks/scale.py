@@ -93,7 +93,6 @@ def step_features(work: Path, n: int):
 
 
 def _caption_set(store, captions, split, limit, rng):
-    from captioning.train import CaptionSet
     from captioning.vocab import load_encoded
 
     images, tokens = load_encoded(captions, split)
@@ -193,7 +192,8 @@ def main(workdir, sizes, train_captions, eval_images, step, n):
         ev = child(["--step", "evaluate", *common])
         rows.append((n, size_gb, feats, train, ram, ev))
         print(
-            f"{n} images, {size_gb:.2f} GB: features {feats['peak_rss_gb']:.2f} GB RSS {feats['images_per_s']:.0f} img/s;"
+            f"{n} images, {size_gb:.2f} GB: features {feats['peak_rss_gb']:.2f} GB RSS"
+            f" {feats['images_per_s']:.0f} img/s;"
             f" train {train['peak_rss_gb']:.2f} GB {train['captions_per_s']:.0f} captions/s"
             + (f" (in RAM: {ram['peak_rss_gb']:.2f} GB {ram['captions_per_s']:.0f} captions/s)" if ram else "")
             + f"; evaluate {ev['peak_rss_gb']:.2f} GB {ev['captions_per_s']:.1f} captions/s",
@@ -201,9 +201,10 @@ def main(workdir, sizes, train_captions, eval_images, step, n):
         )
     print("\n| images | file | features RSS | img/s | train RSS | captions/s | evaluate RSS | captions/s |")
     print("|---|---|---|---|---|---|---|---|")
-    for n, size_gb, f, t, ram, e in rows:
+    for n, size_gb, f, t, _, e in rows:
         print(
-            f"| {n:,} | {size_gb:.2f} GB | {f['peak_rss_gb']:.2f} GB | {f['images_per_s']:.0f} | {t['peak_rss_gb']:.2f} GB"
+            f"| {n:,} | {size_gb:.2f} GB | {f['peak_rss_gb']:.2f} GB | {f['images_per_s']:.0f}"
+            f" | {t['peak_rss_gb']:.2f} GB"
             f" | {t['captions_per_s']:.0f} | {e['peak_rss_gb']:.2f} GB | {e['captions_per_s']:.1f} |"
         )
     if rows[0][4]:
