@@ -34,6 +34,7 @@ PARAMS = {
         "batch_size": 4,
         "dtype": "float16",
         "max_bad_fraction": 0.2,
+        "shards": [0],
     },
 }
 

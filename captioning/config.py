@@ -59,15 +59,20 @@ def _check(name, value, tp, meta):
     return value
 
 
-def from_dict(cls, data, section: str):
-    """Build dataclass ``cls`` from ``data``, validating every key. ``section`` prefixes messages."""
+def from_dict(cls, data, section: str, partial=False):
+    """Build dataclass ``cls`` from ``data``, validating every key. ``section`` prefixes messages.
+
+    ``partial``: ``cls`` declares only some of the section's keys (another stage owns the rest):
+    the others are left alone instead of being unknown settings."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise CaptioningError(f"{section}: expected a mapping of settings, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
-    if unknown:
+    if partial:
+        data = {k: v for k, v in data.items() if k in fields}
+    elif unknown:
         raise CaptioningError(f"{section}.{unknown[0]}: unknown setting (known: {', '.join(sorted(fields))})")
     missing = [k for k in fields if k not in data]
     if missing:
@@ -81,11 +86,11 @@ def from_dict(cls, data, section: str):
     return obj
 
 
-def load_params(path, sections: dict):
+def load_params(path, sections: dict, partial=()):
     """Read ``path`` (YAML) once and return ``{section: dataclass, ..., "seed": int}``.
 
     ``sections`` maps a section name to its dataclass; the shared top-level ``seed`` always
-    comes along.
+    comes along. Sections named in ``partial`` are read only for the dataclass's keys.
     """
     path = Path(path)
     try:
@@ -102,6 +107,6 @@ def load_params(path, sections: dict):
         raise CaptioningError(f"{path}: expected a mapping of sections at the top level")
     if "seed" not in data:
         raise CaptioningError(f"{path}: seed: missing (the shared seed of every stage)")
-    out = {name: from_dict(cls, data.get(name), name) for name, cls in sections.items()}
+    out = {name: from_dict(cls, data.get(name), name, name in partial) for name, cls in sections.items()}
     out["seed"] = _check("seed", data["seed"], int, {"lo": 0})
     return out

@@ -164,6 +164,7 @@ def extract_features(
         keys = keys[lo:hi]
         if not keys:
             raise CaptioningError(f"shard {shard[0]}/{shard[1]} of {total} images is empty: use fewer shards")
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial, ledger = out.with_name(out.name + ".partial.h5"), out.with_name(out.name + ".partial.json")
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # older versions' chunk folder
     fp = _fingerprint(spec, keys, batch_size, dtype)
@@ -178,7 +179,10 @@ def extract_features(
         forward = make_forward(model, preprocess)
         s, _ = forward(np.zeros((batch_size, spec.image_size, spec.image_size, 3), np.uint8))  # trace once
         if not state["done"]:
-            shard_attrs = {"shard_index": shard[0], "shard_count": shard[1]} if shard is not None else {}
+            # One shard is the whole file: no shard attributes, so its bytes are the merged file's
+            # (DVC then stores one copy of the two).
+            multi = shard is not None and shard[1] > 1
+            shard_attrs = {"shard_index": shard[0], "shard_count": shard[1]} if multi else {}
             create_layout(partial, keys, s.shape[1:], dtype, {**spec.attrs(), **shard_attrs})
         t0 = time.perf_counter()  # the rate below is the steady state: model building excluded
         # One pipeline over the remaining chunks (they start on batch boundaries, so the
@@ -280,15 +284,18 @@ def _seal(f):
     f.attrs["content_hash"] = hash_features(f["spatial"], f["pooled"])
 
 
-def _copy_rows(path, sources, block=1024):
-    """Write ``path`` from ``[(file, rows)]``: those rows of each file, in order, ``block`` at a time."""
+def _copy_rows(path, sources, merge=False, block=1024):
+    """Write ``path`` from ``[(file, rows)]``: those rows of each file, in order, ``block`` at a time.
+
+    ``merge``: the sources are shards and ``path`` is the whole file (no shard attributes)."""
     keys, first = [], None
     for src, rows in sources:
         with h5py.File(src, "r") as f:
             keys += f["images"].asstr()[:][rows].tolist()
             first = first or (f["spatial"].shape[1:], f["spatial"].dtype, dict(f.attrs))
     item, dtype, attrs = first
-    attrs = {k: v for k, v in attrs.items() if k not in (*SHARD_ATTRS, "grid", "feature_dim", "dtype")}
+    derived = ("content_hash", "grid", "feature_dim", "dtype")  # create_layout and _seal set these
+    attrs = {k: v for k, v in attrs.items() if k not in derived + (SHARD_ATTRS if merge else ())}
     create_layout(path, keys, item, dtype, attrs)
     with h5py.File(path, "r+") as dst:
         at = 0
@@ -316,9 +323,9 @@ def merge_shards(shards, out):
             raise CaptioningError(f"{path}: not a features shard ({e})") from None
     if not metas:
         raise CaptioningError("no shards to merge")
-    counts = {int(m[1].get("shard_count", -1)) for m in metas}
+    counts = {int(m[1].get("shard_count", 1)) for m in metas}  # no attributes: a whole file, shard 0/1
     n = counts.pop() if len(counts) == 1 else -1
-    indices = [int(m[1].get("shard_index", -1)) for m in metas]
+    indices = [int(m[1].get("shard_index", 0)) for m in metas]
     if n < 1 or indices != list(range(n)):
         have = ", ".join(f"{m[0]} = {m[1].get('shard_index', '?')}/{m[1].get('shard_count', '?')}" for m in metas)
         missing = sorted(set(range(max(n, 1))) - set(indices))
@@ -331,7 +338,10 @@ def merge_shards(shards, out):
         if json.dumps(other, sort_keys=True, default=str) != json.dumps(spec, sort_keys=True, default=str):
             raise CaptioningError(f"{path}: made with other encoder settings than {metas[0][0]}")
     with atomic_path(out) as tmp:
-        _copy_rows(tmp, [(path, np.arange(rows, dtype=np.int64)) for path, _, rows in metas])
+        if n == 1:  # already the merged file, byte for byte
+            shutil.copyfile(metas[0][0], tmp)
+        else:
+            _copy_rows(tmp, [(path, np.arange(rows, dtype=np.int64)) for path, _, rows in metas], merge=True)
     return sum(m[2] for m in metas)
 
 

@@ -74,7 +74,8 @@ def test_editing_a_split_list_reruns_prepare(tmp_path):
 
 def test_repro_then_nothing_to_do_then_identical_forced_rerun(project):
     out = dvc("repro", cwd=project)
-    for stage in ("generate", "prepare", "features", "vocab", "train", "finetune", "evaluate", "report"):
+    stages = ("generate", "prepare", "features@0", "merge_features", "vocab", "train", "finetune", "evaluate", "report")
+    for stage in stages:
         assert f"Running stage '{stage}'" in out
     metrics = (project / "reports/metrics.json").read_bytes()
     predictions = (project / "reports/predictions.json").read_bytes()

@@ -178,3 +178,62 @@ def test_stale_or_broken_partial_work_is_discarded(tmp_path, shapes_dir):
         assert not partial.exists() and not (tmp_path / f"{name}.partial.json").exists()
         with h5py.File(tmp_path / name) as a, h5py.File(tmp_path / "clean.h5") as b:
             np.testing.assert_array_equal(a["spatial"][:], b["spatial"][:])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_shards_merged_are_the_bytes_of_one_run(tmp_path, shapes_dir, n):
+    from captioning.encoder import merge_shards, shard_range
+
+    images = shapes_dir / "images"
+    (images / "zz_broken.jpg").write_bytes(b"not a jpeg")  # a skip inside the last shard
+    keys = keys_of(shapes_dir)
+    kw = dict(batch_size=4, max_bad_fraction=0.2, progress=False)  # checked per shard: 1 bad of 9
+    whole = extract_features(SPEC, images, keys, tmp_path / "whole.h5", **kw)
+    slices = [shard_range(len(keys), (i, n)) for i in range(n)]
+    assert [k for lo, hi in slices for k in keys[lo:hi]] == keys  # every key once, in order
+    shards = [tmp_path / f"shard-{i}.h5" for i in range(n)]
+    reps = [extract_features(SPEC, images, keys, s, shard=(i, n), **kw) for i, s in enumerate(shards)]
+    assert sum(r["images"] for r in reps) == whole["images"] == 24
+    assert [s["image"] for r in reps for s in r["skipped"]] == ["zz_broken.jpg"]
+    assert merge_shards(shards, tmp_path / "merged.h5") == 24
+    assert (tmp_path / "merged.h5").read_bytes() == (tmp_path / "whole.h5").read_bytes()
+    if n > 1:  # the copy through _copy_rows gives the same bytes as a single shard's file
+        from captioning.encoder import _copy_rows
+
+        _copy_rows(tmp_path / "copied.h5", [(tmp_path / "whole.h5", np.arange(24))])
+        assert (tmp_path / "copied.h5").read_bytes() == (tmp_path / "whole.h5").read_bytes()
+
+
+def test_merge_refuses_missing_reordered_or_foreign_shards(tmp_path, shapes_dir):
+    from captioning.encoder import merge_shards
+
+    images, keys = shapes_dir / "images", keys_of(shapes_dir)
+    kw = dict(batch_size=4, progress=False)
+    s = [tmp_path / f"shard-{i}.h5" for i in range(3)]
+    for i in range(3):
+        extract_features(SPEC, images, keys, s[i], shard=(i, 3), **kw)
+    with pytest.raises(CaptioningError, match=r"shards must be 0..N-1 of one N.*\(missing: \[1\]\)"):
+        merge_shards([s[0], s[2]], tmp_path / "m.h5")
+    with pytest.raises(CaptioningError, match="shards must be 0..N-1 of one N"):
+        merge_shards([s[1], s[0], s[2]], tmp_path / "m.h5")
+    other = EncoderSpec(backbone="vgg16", weights="none", layer="block3_pool", image_size=32, seed=2)
+    extract_features(other, images, keys, tmp_path / "other-1.h5", shard=(1, 3), **kw)
+    with pytest.raises(CaptioningError, match="other-1.h5: made with other encoder settings"):
+        merge_shards([s[0], tmp_path / "other-1.h5", s[2]], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+    with pytest.raises(CaptioningError, match=r"shard 3/3: expected 0 <= I < N"):
+        extract_features(SPEC, images, keys, tmp_path / "x.h5", shard=(3, 3), **kw)
+
+
+def test_merge_stage_names_a_missing_shard(tmp_path, tiny_params):
+    from click.testing import CliRunner
+
+    from stages import merge_features
+
+    params = dict(tiny_params[1], features={**tiny_params[1]["features"], "shards": [0, 1]})
+    (tmp_path / "p.yaml").write_text(__import__("yaml").safe_dump(params))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-0.h5").write_bytes(b"")
+    args = ["--params", str(tmp_path / "p.yaml"), "--shards", str(tmp_path / "shards"), "--reports", str(tmp_path)]
+    r = CliRunner().invoke(merge_features.main, [*args, "--out", str(tmp_path / "f.h5"), "--report", "r.json"])
+    assert r.exit_code == 1 and "missing features shard(s): " in r.output and "shard-1.h5" in r.output
