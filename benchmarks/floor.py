@@ -129,6 +129,7 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
             model, train, val, settings, os.path.join(tmp, "ckpt"), progress=False, log=lambda m: None
         )
     epoch_s = state["history"][0]["seconds"]
+    losses = f"train_loss {state['history'][0]['train_loss']:.4f} val_loss {state['history'][0]['val_loss']:.4f}"
 
     tok, cap = forward_flops(
         kind,
@@ -157,7 +158,7 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     mode = ("streamed from disk" if streaming else "in RAM") + (f", bucket {bucket}" if "bucket" in fields else "")
     print(
         f"sgemm {gflops:.0f} GFLOP/s -> floor {floor_s:.1f} s; epoch {epoch_s:.1f} s ({mode});"
-        f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB"
+        f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB; {losses}"
         + (f"; {'; '.join(notes)}" if notes else "")
     )
 

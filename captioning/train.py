@@ -155,8 +155,6 @@ def fit(
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .decoders.base import masked_cross_entropy
-
     if len(train.tokens) == 0 or len(val.tokens) == 0:
         raise CaptioningError("training needs captions in both the train and the val split")
     model.build()
@@ -165,18 +163,27 @@ def fit(
     L, C = train.features.shape[1:]
     sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
 
+    # With length buckets a batch of short captions has few tokens; dividing its loss by its
+    # own token count would weigh each of those tokens more than a long caption's. Dividing by
+    # the epoch's mean tokens per batch instead weighs every token alike, as a shuffled epoch
+    # does on average. Without buckets the batch's own count is used, as always.
+    per_batch = float((train.tokens[:, 1:] > 0).sum()) * settings.batch_size / len(train.tokens)
+
     @tf.function(input_signature=sig + [tf.TensorSpec([2], tf.int32)])
     def train_step(feats, tokens, seed):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with tf.GradientTape() as tape:
             logits, aux = model.forward(feats, inputs, dropout_seed=seed)
-            loss = masked_cross_entropy(logits, targets)
+            mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
+            ce_sum = tf.reduce_sum(mask * tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
+            count = tf.reduce_sum(mask)
+            loss = ce_sum / (per_batch if settings.bucket > 1 else tf.maximum(count, 1.0))
             if settings.attention_reg > 0:  # the decoder's own term (the attention prior)
-                loss += settings.attention_reg * model.extra_loss(aux, tf.cast(targets > 0, logits.dtype))
+                loss += settings.attention_reg * model.extra_loss(aux, mask)
         grads = tape.gradient(loss, model.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+        return loss, ce_sum, count
 
     @tf.function(input_signature=sig)
     def val_step(feats, tokens):
@@ -226,12 +233,12 @@ def fit(
         for feats, toks in bar:
             state["step"] += 1
             seed = tf.constant([settings.seed, state["step"]], tf.int32)
-            loss = float(train_step(feats, toks, seed))
+            loss, ce_sum, count = (float(x) for x in train_step(feats, toks, seed))
             if not np.isfinite(loss):
                 raise CaptioningError(
                     f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); lower train.learning_rate"
                 )
-            total, n = total + loss * len(toks), n + len(toks)
+            total, n = total + ce_sum, n + count  # train_loss: cross-entropy per real token
             bar.set_postfix(loss=f"{total / n:.3f}")
         ce, count = 0.0, 0.0
         for feats, toks in val.batches(settings.batch_size, bucket=settings.bucket):
