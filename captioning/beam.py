@@ -46,13 +46,18 @@ def _top(values, k):
     return np.take_along_axis(idx, order, 1)
 
 
-def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end_id, length_penalty=0.0):
+def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=()):
     """Best caption per item: ``(token-id lists without <start>/<end>, normalised scores, log-probs)``.
 
     ``state`` has first axis ``batch_size`` (one row per item); it is repeated per beam here.
     Length normalisation divides a caption's log-probability by ``length**length_penalty``,
     where length counts the ``<end>`` token when one was emitted. Ties go to the caption found
     first. Tokens the step gives ``-inf`` are never chosen.
+
+    ``static``: indices of state parts that are the same for every beam of an item and that the
+    step never changes (the image's features): they are never reordered, since reordering
+    within an item's rows would leave them as they are. Moving them costs most of a step
+    otherwise (for Flickr8k, 64 images x 6 rows x 49 x 1024 floats).
     """
     B, K, T, alpha = batch_size, beam_size, max_length, length_penalty
     G = K + 1 if K > 1 else 1  # rows per item: K beams, then the greedy path (beam 1 is greedy)
@@ -111,6 +116,8 @@ def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end
         if done.all():
             break
         scores[done] = -np.inf  # done items stop growing (their rows still flow through the step)
-        state = tuple(np.asarray(s)[(rows[:, None] * G + parents).reshape(-1)] for s in state)
+        keep = (rows[:, None] * G + parents).reshape(-1)
+        fixed = {i % len(state) for i in static}
+        state = tuple(s if i in fixed else np.asarray(s)[keep] for i, s in enumerate(state))
 
     return best_seq, best_norm.tolist(), best_raw.tolist()

@@ -23,10 +23,22 @@ def make_step_fn(decoder):
         banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0)  # (V,)
         return tf.where(banned > 0, -float("inf"), log_probs), state
 
-    def step_fn(tokens, state):
-        log_probs, state = step(tf.constant(tokens, tf.int32), tuple(tf.constant(s) for s in state))
-        return log_probs.numpy(), tuple(s.numpy() for s in state)
+    static = getattr(decoder, "STATIC_STATE", ())
+    held = {}  # static part index -> (the numpy array, its tensor): converted once per batch
 
+    def as_tensor(i, s):
+        if i not in held or held[i][0] is not s:
+            held[i] = (s, tf.constant(s))
+        return held[i][1]
+
+    def step_fn(tokens, state):
+        fixed = {i % len(state) for i in static}
+        inputs = tuple(as_tensor(i, s) if i in fixed else tf.constant(s) for i, s in enumerate(state))
+        log_probs, out = step(tf.constant(tokens, tf.int32), inputs)
+        # The static parts come back as they went in: the same arrays, not copied back and forth.
+        return log_probs.numpy(), tuple(state[i] if i in fixed else s.numpy() for i, s in enumerate(out))
+
+    step_fn.static = static  # for beam_search(static=...)
     return step_fn
 
 
@@ -52,7 +64,15 @@ def caption_features(
     for batch in tqdm(batches, total=len(starts), desc="captioning", unit="batch", disable=not progress):
         state = tuple(np.asarray(x) for x in decoder.initial_state(batch))
         seqs, _, raw = beam_search(
-            step_fn, state, len(batch), beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty
+            step_fn,
+            state,
+            len(batch),
+            beam_size,
+            max_length,
+            vocab.start_id,
+            vocab.end_id,
+            length_penalty,
+            static=step_fn.static,
         )
         captions.extend(vocab.decode(s) for s in seqs)
         log_probs.extend(raw)

@@ -177,7 +177,16 @@ def fine_tune(
         seqs = []
         for i in range(0, len(features), 64):
             state = tuple(np.asarray(s) for s in decoder.initial_state(features[i : i + 64]))
-            got, _, _ = beam_search(step_fn, state, len(state[0]), 1, settings.max_length, vocab.start_id, vocab.end_id)
+            got, _, _ = beam_search(
+                step_fn,
+                state,
+                len(state[0]),
+                1,
+                settings.max_length,
+                vocab.start_id,
+                vocab.end_id,
+                static=step_fn.static,
+            )
             seqs.extend(got)
         return seqs
 

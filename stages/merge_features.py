@@ -21,7 +21,9 @@ class Params:
 @click.command()
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--shards", "shard_dir", required=True, type=click.Path(file_okay=False), help="Folder of shard-I.h5.")
-@click.option("--reports", "report_dir", required=True, type=click.Path(file_okay=False), help="Folder of shard-I.json.")
+@click.option(
+    "--reports", "report_dir", required=True, type=click.Path(file_okay=False), help="Folder of shard-I.json."
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Features file to write.")
 @click.option("--report", required=True, type=click.Path(dir_okay=False), help="JSON report (all shards).")
 @user_errors

@@ -194,3 +194,29 @@ def test_enough_beams_equal_brute_force_and_beam_never_loses_to_greedy(n_tokens,
         got = search(k)[1]
         assert all(g >= gr - 1e-12 for g, gr in zip(got, greedy)), (k, got, greedy)
         assert all(g <= e[0] + 1e-12 for g, e in zip(got, exact))
+
+
+@pytest.mark.parametrize("decoder", ["gru", "transformer"])
+def test_static_state_is_neither_copied_nor_reordered_and_changes_nothing(decoder):
+    """The image parts of the state (STATIC_STATE) skip the per-step copy and reorder: same captions."""
+    import keras
+
+    from captioning.decode import make_step_fn
+    from captioning.decoders import build_decoder
+
+    keras.utils.set_random_seed(0)
+    extra = {"attention_units": 4} if decoder == "gru" else {"num_layers": 1, "num_heads": 2}
+    m = build_decoder(decoder, vocab_size=9, feature_dim=6, num_locations=4, embed_dim=4, units=8, **extra)
+    m.build()
+    feats = np.random.default_rng(0).normal(size=(5, 4, 6)).astype("float32")
+    fast = make_step_fn(m)
+    assert fast.static == m.STATIC_STATE != ()
+
+    def plain(tokens, state):  # the same step, every part copied and reordered
+        return fast(tokens, tuple(np.array(s, copy=True) for s in state))
+
+    state = tuple(np.asarray(s) for s in m.initial_state(feats))
+    for k in (1, 3):
+        got = beam_search(fast, state, 5, k, 6, 1, 2, static=fast.static)
+        want = beam_search(plain, state, 5, k, 6, 1, 2)
+        assert got[0] == want[0] and got[2] == want[2]

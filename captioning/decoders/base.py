@@ -9,7 +9,9 @@ The contract that training, beam search and captioning use, and nothing else:
   teacher forcing, ``aux["attention"]`` (B, T, L) where the image was looked at;
 - ``extra_loss(aux, mask (B, T))``: the decoder's own training term (0 if it has none), weighted
   by ``train.attention_reg``;
-- ``settings()``: the constructor arguments, saved beside the weights to rebuild it exactly.
+- ``settings()``: the constructor arguments, saved beside the weights to rebuild it exactly;
+- ``STATIC_STATE``: indices of the state parts ``step`` passes through unchanged (the image):
+  beam search then never copies or reorders them (optional; a speed-up, not a contract).
 
 Dropout is stateless and seeded from ``(seed, step)``, so a resumed run draws exactly the masks
 an uninterrupted one would; every dropout site gets its own stream (:func:`dropout_seeds`).
@@ -62,6 +64,7 @@ class Decoder(keras.Model):
     """Base class: subclasses list their constructor arguments in ``SETTINGS``."""
 
     SETTINGS: tuple = ()
+    STATIC_STATE: tuple = ()
 
     def __init__(self, vocab_size, feature_dim, num_locations, blind=False, **kwargs):
         super().__init__(**kwargs)

@@ -24,6 +24,7 @@ class RecurrentDecoder(Decoder):
 
     SETTINGS = ("embed_dim", "units", "attention", "attention_units", "dropout")
     N_STATES = 1
+    STATIC_STATE = (-2, -1)  # feats and keys: the image, the same at every step
 
     def __init__(
         self,
