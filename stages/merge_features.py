@@ -9,7 +9,6 @@ from captioning.cli import user_errors
 from captioning.errors import CaptioningError
 from captioning.files import read_json, write_json
 
-
 SECTION = "features"  # the params it reads belong to the features stage's section
 
 
