@@ -80,11 +80,10 @@ class FeatureStore:
     def content_hash(self) -> str:
         """The hash of the feature bytes the features stage stored in the file, or (older files
         without one) computed now by streaming the file in blocks: never the whole file in RAM."""
-        stored = self.attrs.get("content_hash")
-        if stored:
-            return str(stored)
-        with h5py.File(self.path, "r") as f:
-            return hash_features(f["spatial"], f["pooled"])
+        if not self.attrs.get("content_hash"):  # computed once, kept like the stored attribute
+            with h5py.File(self.path, "r") as f:
+                self.attrs["content_hash"] = hash_features(f["spatial"], f["pooled"])
+        return str(self.attrs["content_hash"])
 
     def rows(self, keys, pooled=False) -> FeatureRows:
         """The features of ``keys`` (in that order) as a :class:`FeatureRows`, read on demand."""
@@ -164,7 +163,7 @@ class FeatureRows:
         dset = self._file[self.name]
         wanted, where = np.unique(rows, return_inverse=True)
         buf = np.empty((len(wanted), *dset.shape[1:]), dtype=dset.dtype)
-        # Runs of consecutive rows: [starts[i], starts[i] + lengths[i]).
+        # One read per run of consecutive rows.
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
         at = 0
         for run in np.split(wanted, breaks):

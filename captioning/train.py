@@ -155,6 +155,8 @@ def fit(
     import tensorflow as tf
     from tqdm import tqdm
 
+    from .decoders.base import masked_cross_entropy_sum
+
     if len(train.tokens) == 0 or len(val.tokens) == 0:
         raise CaptioningError("training needs captions in both the train and the val split")
     model.build()
@@ -174,12 +176,10 @@ def fit(
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with tf.GradientTape() as tape:
             logits, aux = model.forward(feats, inputs, dropout_seed=seed)
-            mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
-            ce_sum = tf.reduce_sum(mask * tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
-            count = tf.reduce_sum(mask)
+            ce_sum, count = masked_cross_entropy_sum(logits, targets)
             loss = ce_sum / (per_batch if settings.bucket > 1 else tf.maximum(count, 1.0))
             if settings.attention_reg > 0:  # the decoder's own term (the attention prior)
-                loss += settings.attention_reg * model.extra_loss(aux, mask)
+                loss += settings.attention_reg * model.extra_loss(aux, tf.cast(targets > 0, logits.dtype))
         grads = tape.gradient(loss, model.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -189,9 +189,7 @@ def fit(
     def val_step(feats, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits, _ = model.forward(feats, inputs)
-        mask = tf.cast(targets > 0, tf.float32)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-        return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+        return masked_cross_entropy_sum(logits, targets)
 
     fingerprint = _fingerprint(model, settings, train, val)
     state, best_weights = begin_or_resume(

@@ -37,11 +37,17 @@ def dropout(x, rate, seed):
     return x if seed is None or rate <= 0 else tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
 
 
-def masked_cross_entropy(logits, targets):
-    """Mean cross-entropy over real tokens (targets > 0; 0 is <pad>)."""
+def masked_cross_entropy_sum(logits, targets):
+    """``(summed cross-entropy, count)`` over the real tokens (targets > 0; 0 is <pad>)."""
     mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
-    return tf.reduce_sum(ce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+    return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+
+
+def masked_cross_entropy(logits, targets):
+    """Mean cross-entropy over real tokens (targets > 0; 0 is <pad>)."""
+    total, count = masked_cross_entropy_sum(logits, targets)
+    return total / tf.maximum(count, 1.0)
 
 
 def coverage_term(alphas, mask):
