@@ -140,6 +140,7 @@ def fine_tune(
 
     from .beam import beam_search
     from .decode import make_step_fn
+    from .decoders.base import dense_gradients
 
     if settings.baseline not in ("mean", "greedy"):
         raise CaptioningError(f"unknown SCST baseline {settings.baseline!r} (mean or greedy)")
@@ -168,7 +169,7 @@ def fine_tune(
             logits = policy_logits(logits)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
             loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))
-        grads = tape.gradient(loss, decoder.trainable_variables)
+        grads = dense_gradients(tape.gradient(loss, decoder.trainable_variables), decoder.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
         optimizer.apply_gradients(zip(grads, decoder.trainable_variables))
         return loss

@@ -34,6 +34,16 @@ class CaptionSet:
     tokens: np.ndarray  # (N_captions, T) int32, <start> ... <end> then 0 padding
     image_rows: np.ndarray  # (N_captions,) row of each caption's image in ``features``
 
+    def _order(self, batch_size, rng, bucket, block):
+        """The batches' caption indices: seeded (training) or fixed (evaluation), see ``batches``."""
+        from .batching import batch_order
+
+        lengths = (self.tokens > 0).sum(axis=1)
+        if rng is not None:
+            return batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block), lengths
+        seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
+        return [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)], lengths
+
     def batches(self, batch_size, rng=None, bucket=0, block=1, prefetch_depth=2):
         """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption.
 
@@ -41,19 +51,49 @@ class CaptionSet:
         (evaluation): every caption in file order, or sorted by length when ``bucket`` > 1. The
         order is fixed before the first batch is read; a thread reads ``prefetch_depth`` ahead.
         """
-        from .batching import batch_order, prefetch
+        from .batching import prefetch
 
-        lengths = (self.tokens > 0).sum(axis=1)
-        if rng is not None:
-            order = batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block)
-        else:
-            seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
-            order = [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)]
+        order, lengths = self._order(batch_size, rng, bucket, block)
 
         def read():
             for idx in order:
                 toks = self.tokens[idx]
                 yield self.features[self.image_rows[idx]], toks[:, : int(lengths[idx].max())]
+
+        return prefetch(read(), prefetch_depth) if prefetch_depth > 0 else read()
+
+    def replica_batches(self, batch_size, rng=None, bucket=0, block=1, replicas=1, local=(0,), prefetch_depth=2):
+        """The batches of ``batches``, each cut for ``replicas`` replicas (captioning.distribute).
+
+        Yields ``(n, tokens, parts)``: the batch's caption count, its real target tokens (the
+        loss divisor) and, for each replica id in ``local``
+        (this process's replicas), ``(features (m, L, C), tokens (m, T_b), offset)``, padded to
+        ``m = ceil(n / replicas)`` rows with empty captions. Only the local replicas' rows are read.
+        """
+        from .batching import prefetch
+        from .distribute import replica_slices
+
+        order, lengths = self._order(batch_size, rng, bucket, block)
+        L, C = self.features.shape[1:]
+
+        def read():
+            for idx in order:
+                m, slices = replica_slices(len(idx), replicas)
+                mine = [slices[r] for r in local]
+                lo, hi = min(a for a, _ in mine), max(b for _, b in mine)  # local replicas are contiguous
+                feats = self.features[self.image_rows[idx[lo:hi]]] if hi > lo else None
+                toks = self.tokens[idx][:, : int(lengths[idx].max())]
+                parts = []
+                for a, b in mine:
+                    if (a, b) == (0, m) == (lo, hi):  # one replica (or the whole read): no copy
+                        parts.append((feats, toks[a:b], a))
+                        continue
+                    f = np.zeros((m, L, C), np.float32)
+                    t = np.zeros((m, toks.shape[1]), np.int32)
+                    if b > a:
+                        f[: b - a], t[: b - a] = feats[a - lo : b - lo], toks[a:b]
+                    parts.append((f, t, a))
+                yield len(idx), int((toks[:, 1:] > 0).sum()), parts
 
         return prefetch(read(), prefetch_depth) if prefetch_depth > 0 else read()
 
@@ -145,25 +185,33 @@ def fit(
     on_epoch=None,
     progress=True,
     log=print,
+    strategy=None,
 ):
     """Train ``model`` in place; leaves the best (lowest val loss) weights in it.
 
     ``on_epoch(epoch, metrics)`` is called after every epoch, also for epochs replayed from
-    a checkpoint, so loggers see the full history. Returns the final state dict.
+    a checkpoint, so loggers see the full history. ``strategy``: a ``tf.distribute`` strategy
+    (captioning.distribute; None: no distribution); only its chief writes the checkpoint.
+    Returns the final state dict.
     """
     import keras
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .decoders.base import masked_cross_entropy_sum
+    from .decoders.base import RowSeed, dense_gradients, masked_cross_entropy_sum
+    from .distribute import is_chief, local_replica_ids, worker_name
 
     if len(train.tokens) == 0 or len(val.tokens) == 0:
         raise CaptioningError("training needs captions in both the train and the val split")
-    model.build()
-    optimizer = keras.optimizers.Adam(settings.learning_rate)
-    optimizer.build(model.trainable_variables)
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas, local, chief = strategy.num_replicas_in_sync, local_replica_ids(strategy), is_chief(strategy)
+    with strategy.scope():  # the variables: mirrored on every replica
+        model.build()
+        optimizer = keras.optimizers.Adam(settings.learning_rate)
+        optimizer.build(model.trainable_variables)
     L, C = train.features.shape[1:]
     sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
+    vec, scalar = tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.float32)
 
     # With length buckets a batch of short captions has few tokens; dividing its loss by its
     # own token count would weigh each of those tokens more than a long caption's. Dividing by
@@ -171,25 +219,57 @@ def fit(
     # does on average. Without buckets the batch's own count is used, as always.
     per_batch = float((train.tokens[:, 1:] > 0).sum()) * settings.batch_size / len(train.tokens)
 
-    @tf.function(input_signature=sig + [tf.TensorSpec([2], tf.int32)])
-    def train_step(feats, tokens, seed):
+    def replica_train_step(feats, tokens, rows, seed, norm):
+        """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
+        whole batch's loss divisor, so the replicas' gradients add up to the batch's."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with tf.GradientTape() as tape:
-            logits, aux = model.forward(feats, inputs, dropout_seed=seed)
+            logits, aux = model.forward(feats, inputs, dropout_seed=RowSeed(seed, rows[0], rows[1]))
             ce_sum, count = masked_cross_entropy_sum(logits, targets)
-            loss = ce_sum / (per_batch if settings.bucket > 1 else tf.maximum(count, 1.0))
-            if settings.attention_reg > 0:  # the decoder's own term (the attention prior)
-                loss += settings.attention_reg * model.extra_loss(aux, tf.cast(targets > 0, logits.dtype))
-        grads = tape.gradient(loss, model.trainable_variables)
+            loss = ce_sum / norm
+            if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
+                share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows
+                loss += settings.attention_reg * model.extra_loss(aux, tf.cast(targets > 0, logits.dtype)) * share
+        grads = dense_gradients(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        if replicas > 1:  # clip the whole batch's gradient, as one process would
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
+        if replicas > 1:  # Keras' apply_gradients sums over the replicas once more
+            grads = [g / replicas for g in grads]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, ce_sum, count
 
-    @tf.function(input_signature=sig)
-    def val_step(feats, tokens):
+    def replica_val_step(feats, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits, _ = model.forward(feats, inputs)
         return masked_cross_entropy_sum(logits, targets)
+
+    if replicas == 1:  # one signature: no retracing for new batch or caption lengths
+        train_step = tf.function(replica_train_step, input_signature=sig + [vec, vec, scalar])
+        val_step = tf.function(replica_val_step, input_signature=sig)
+    else:
+
+        def summed(fn):
+            @tf.function(reduce_retracing=True)
+            def run(*args):
+                out = strategy.run(fn, args=args)
+                return [strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None) for x in out]
+
+            return run
+
+        train_step, val_step = summed(replica_train_step), summed(replica_val_step)
+
+    def inputs(parts, n):
+        """Per-replica (features, tokens, rows) of one batch, as the step takes them."""
+        values = [(f, t, np.array([offset, n], np.int32)) for f, t, offset in parts]
+        if replicas == 1:
+            return values[0]
+        return tuple(
+            strategy.experimental_distribute_values_from_function(
+                lambda ctx, i=i: values[local.index(ctx.replica_id_in_sync_group)][i]
+            )
+            for i in range(3)
+        )
 
     fingerprint = _fingerprint(model, settings, train, val)
     state, best_weights = begin_or_resume(
@@ -210,6 +290,13 @@ def fit(
         on_epoch,
         log,
     )
+    if replicas > 1:
+        _check_agreement(strategy, state, checkpoint_dir)
+
+    def batches(data, rng=None):
+        return data.replica_batches(
+            settings.batch_size, rng, bucket=settings.bucket, block=settings.read_block, replicas=replicas, local=local
+        )
 
     while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
         epoch = state["epoch"] + 1
@@ -221,27 +308,33 @@ def fit(
         total, n = 0.0, 0
         n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
         bar = tqdm(
-            train.batches(settings.batch_size, rng, bucket=settings.bucket, block=settings.read_block),
-            total=n_batches,
-            desc=f"epoch {epoch}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
+            batches(train, rng), total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False
         )
-        for feats, toks in bar:
-            state["step"] += 1
-            seed = tf.constant([settings.seed, state["step"]], tf.int32)
-            loss, ce_sum, count = (float(x) for x in train_step(feats, toks, seed))
-            if not np.isfinite(loss):
-                raise CaptioningError(
-                    f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); lower train.learning_rate"
-                )
-            total, n = total + ce_sum, n + count  # train_loss: cross-entropy per real token
-            bar.set_postfix(loss=f"{total / n:.3f}")
-        ce, count = 0.0, 0.0
-        for feats, toks in val.batches(settings.batch_size, bucket=settings.bucket):
-            s, c = val_step(feats, toks)
-            ce, count = ce + float(s), count + float(c)
+        try:
+            for rows, tokens, parts in bar:
+                state["step"] += 1
+                seed = tf.constant([settings.seed, state["step"]], tf.int32)
+                norm = tf.constant(per_batch if settings.bucket > 1 else max(tokens, 1), tf.float32)
+                loss, ce_sum, count = (float(x) for x in train_step(*inputs(parts, rows), seed, norm))
+                if not np.isfinite(loss):
+                    raise CaptioningError(
+                        f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); "
+                        "lower train.learning_rate"
+                    )
+                total, n = total + ce_sum, n + count  # train_loss: cross-entropy per real token
+                bar.set_postfix(loss=f"{total / n:.3f}")
+            ce, count = 0.0, 0.0
+            for rows, _, parts in batches(val):
+                s, c = val_step(*inputs(parts, rows)[:2])
+                ce, count = ce + float(s), count + float(c)
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as e:
+            if replicas == 1:
+                raise
+            raise CaptioningError(
+                f"{worker_name(strategy)}: lost another worker at epoch {epoch} step {state['step']} "
+                f"({type(e).__name__}). Start every worker again with the same command: training resumes "
+                f"from the checkpoint after epoch {state['epoch']}."
+            ) from None
         val_loss = ce / count
         metrics = {
             "epoch": epoch,
@@ -263,10 +356,26 @@ def fit(
             model,
             optimizer,
             best_weights,
-            checkpoint_dir,
+            checkpoint_dir if chief else None,
             on_epoch,
         )
-    return finish(checkpoint_dir, model, optimizer, state, best_weights)
+    return finish(checkpoint_dir if chief else None, model, optimizer, state, best_weights)
+
+
+def _check_agreement(strategy, state, checkpoint_dir):
+    """Fail unless every worker starts from the same point (the same data, the same checkpoint)."""
+    import tensorflow as tf
+
+    mine = np.array([state["step"], int(state["fingerprint"][:5], 16)], np.int64)
+    value = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant([*mine, *mine**2]))
+    sums = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy()
+    n = strategy.num_replicas_in_sync
+    # Equal sums of v and v**2 over the replicas (n * mine) hold only when every v equals mine.
+    if not np.array_equal(sums, n * np.concatenate([mine, mine**2])):
+        raise CaptioningError(
+            f"the workers disagree on where training starts (this one: step {state['step']}): every worker "
+            f"needs the same data and must see the same checkpoint folder {checkpoint_dir} (a shared path)"
+        )
 
 
 def begin_or_resume(checkpoint_dir, model, optimizer, fingerprint, fresh, on_epoch, log):
@@ -294,7 +403,8 @@ def end_epoch(state, metrics, improved, best, model, optimizer, best_weights, ch
         best_weights = [np.asarray(w) for w in model.weights]
     else:
         state["bad_epochs"] += 1
-    save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+    if checkpoint_dir is not None:  # None: not the chief worker, which alone writes
+        save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
     if on_epoch:
         on_epoch(metrics["epoch"], metrics)
     return best_weights
@@ -305,5 +415,6 @@ def finish(checkpoint_dir, model, optimizer, state, best_weights):
     for var, w in zip(model.weights, best_weights):
         var.assign(w)
     state["complete"] = True
-    save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
+    if checkpoint_dir is not None:
+        save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
     return state

@@ -28,6 +28,7 @@ class Params:
     clip_norm: float = config.field(lo=0.0)
     bucket: int = config.field(lo=0)  # batches per length-sorted pool (0: plain shuffle); less padding
     read_block: int = config.field(lo=1)  # images per shuffled block of feature rows (1: full shuffle)
+    strategy: str = config.field(choices=("auto", "default", "mirrored", "multi_worker"))  # captioning.distribute
 
 
 def load_split(store, captions_h5, split):
@@ -71,10 +72,17 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
     Checkpoints every epoch to CHECKPOINT and resumes from it after an interruption. Curves go
     to LIVE_DIR through dvclive. MODEL_DIR gets the decoder, its config (decoder and encoder
     settings) and its vocabulary: everything needed to caption with it.
+
+    train.strategy spreads each batch over several GPUs (mirrored) or machines (multi_worker,
+    set up by TF_CONFIG): every worker runs this same command, and only the chief writes the
+    checkpoint and the outputs; CHECKPOINT must be a folder every worker sees.
     """
     params = config.load_params(params_file, {"train": Params})
     p, seed = params["train"], params["seed"]
     seed_everything(seed)
+    from captioning.distribute import is_chief, make_strategy, worker_name
+
+    strategy = make_strategy(p.strategy)  # before any other TF op (multi_worker needs that)
     from dvclive import Live
 
     from captioning.decoders import DECODERS, build_decoder
@@ -109,6 +117,12 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
         bucket=p.bucket,
         read_block=p.read_block,
     )
+    if not is_chief(strategy):  # a helper worker: the chief writes the checkpoint and every output
+        state = fit(
+            model, train_set, val_set, settings, checkpoint, progress=progress, log=click.echo, strategy=strategy
+        )
+        click.echo(f"train ({worker_name(strategy)}): {state['epoch']} epochs; the chief writes {model_dir}")
+        return
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
 
         def on_epoch(epoch, m):
@@ -117,7 +131,15 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
             live.next_step()
 
         state = fit(
-            model, train_set, val_set, settings, checkpoint, on_epoch=on_epoch, progress=progress, log=click.echo
+            model,
+            train_set,
+            val_set,
+            settings,
+            checkpoint,
+            on_epoch=on_epoch,
+            progress=progress,
+            log=click.echo,
+            strategy=strategy,
         )
         # metrics.json (what `dvc metrics show` prints) describes the saved model: the best
         # epoch, logged at dvclive step best_epoch - 1; the curves keep every epoch.
@@ -138,7 +160,8 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
     secs = sum(m["seconds"] for m in state["history"])
     click.echo(
         f"train: {p.decoder}, {state['epoch']} epochs ({secs:.0f}s), best val_loss {state['best_val_loss']:.4f}"
-        f" at epoch {state['best_epoch']}, {model.count_params()} params -> {model_dir}"
+        f" at epoch {state['best_epoch']}, {model.count_params()} params, {strategy.num_replicas_in_sync} replica(s)"
+        f" -> {model_dir}"
     )
 
 

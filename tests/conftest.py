@@ -87,9 +87,9 @@ def invoke(cmd, args):
     return result.output
 
 
-def run_pipeline(root, params):
-    """generate -> prepare -> features -> vocab -> train -> finetune -> evaluate -> report in ``root`` (the cwd)."""
-    from stages import evaluate, features, finetune, generate, prepare, report, train, vocab
+def prepare_training_data(params):
+    """generate -> prepare -> features -> vocab in the cwd: what train reads. Returns the outputs."""
+    from stages import features, generate, prepare, vocab
 
     p = lambda args: ["--params", params, *args.split()]  # noqa: E731
     outs = {"gen": invoke(generate, p("--out-dir data/shapes"))}
@@ -108,6 +108,15 @@ def run_pipeline(root, params):
         ),
     )
     outs["vocab"] = invoke(vocab, p("--dataset data/dataset.json --vocab data/vocab.json --captions data/captions.h5"))
+    return outs
+
+
+def run_pipeline(root, params):
+    """generate -> prepare -> features -> vocab -> train -> finetune -> evaluate -> report in ``root`` (the cwd)."""
+    from stages import evaluate, finetune, report, train
+
+    p = lambda args: ["--params", params, *args.split()]  # noqa: E731
+    outs = prepare_training_data(params)
     outs["train"] = invoke(
         train,
         p(

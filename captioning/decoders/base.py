@@ -19,22 +19,50 @@ an uninterrupted one would; every dropout site gets its own stream (:func:`dropo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 from keras import layers
 
 
+class RowSeed(NamedTuple):
+    """A dropout seed for a slice of a batch split over replicas (tf.distribute).
+
+    The masks are drawn for the whole ``total``-row batch and rows ``offset ...`` taken, so a
+    caption gets the same mask whichever replica it lands on and however many there are.
+    Rows past ``total`` (a replica's padding) reuse the last row's mask; their loss is masked.
+    """
+
+    seed: tf.Tensor  # int32 (2,)
+    offset: tf.Tensor  # int32 (): this replica's first row in the batch
+    total: tf.Tensor  # int32 (): rows in the whole batch
+
+
 def dropout_seeds(seed, n=2):
-    """``n`` independent seeds for the dropout sites of one step, split off the step's seed.
+    """``n`` independent seeds for the dropout sites of one step, split off the step's seed
+    (an int32 (2,) tensor, or a :class:`RowSeed`, whose slice the split seeds keep).
 
     ``stateless_split`` hashes the seed, so the streams never line up across steps (adding an
     offset to ``[seed, step]`` would make one site's mask equal the next step's other one).
     """
+    if isinstance(seed, RowSeed):
+        return [seed._replace(seed=s) for s in dropout_seeds(seed.seed, n)]
     return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), num=n))
 
 
 def dropout(x, rate, seed):
-    return x if seed is None or rate <= 0 else tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
+    """Stateless dropout on ``x`` (B, ...); ``seed`` None turns it off."""
+    if seed is None or rate <= 0:
+        return x
+    if not isinstance(seed, RowSeed):
+        return tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
+    # The same arithmetic as stateless_dropout over the whole batch, then this replica's rows:
+    # with offset 0 and total B it equals stateless_dropout(x) bit for bit (tested).
+    shape = tf.concat([[seed.total], tf.shape(x)[1:]], axis=0)
+    keep = tf.random.stateless_uniform(shape, seed=seed.seed, dtype=x.dtype) >= rate  # (total, ...)
+    rows = tf.minimum(seed.offset + tf.range(tf.shape(x)[0]), seed.total - 1)
+    return tf.where(tf.gather(keep, rows), x * tf.constant(1 / (1 - rate), x.dtype), tf.zeros((), x.dtype))
 
 
 def masked_cross_entropy_sum(logits, targets):
@@ -42,6 +70,18 @@ def masked_cross_entropy_sum(logits, targets):
     mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
     return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+
+
+def dense_gradients(grads, variables):
+    """The gradients as dense tensors (zeros for a variable the loss does not reach).
+
+    TensorFlow gives the embedding's as IndexedSlices with one row per occurrence of a word.
+    Left sparse, ``clip_by_global_norm`` measures the rows separately (the wrong norm) and
+    Keras' Adam squares each occurrence apart in its second moment (so a word seen twice gets
+    half the squared gradient it should). Dense, they are the textbook update, and one tensor
+    each to all-reduce across replicas.
+    """
+    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
 
 
 def masked_cross_entropy(logits, targets):
