@@ -110,6 +110,7 @@ class FitSettings:
     seed: int = 0
     bucket: int = 0  # batches per length-sorting pool (0 or 1: plain shuffle); see batching.py
     read_block: int = 1  # images per shuffled block of feature rows (1: any image with any)
+    jit: bool = False  # XLA-compile the forward and backward pass (one compile per batch shape)
 
 
 LOGGED = ("train_loss", "val_loss", "val_perplexity", "learning_rate")  # per-epoch curves
@@ -128,6 +129,8 @@ def _fingerprint(model, settings, train, val) -> str:
     h = hashlib.blake2b(digest_size=16)
     path = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("epochs", "patience")}
     h.update(json.dumps([type(model).__name__, model.settings(), path], sort_keys=True).encode())
+    if model.dtype_policy.name != "float32":  # mixed precision takes another path
+        h.update(model.dtype_policy.name.encode())
     for data in (train, val):
         # The features by identity (the file's stored content hash and the rows used), never
         # by reading every byte: a COCO-sized file is tens of GB.
@@ -198,7 +201,6 @@ def fit(
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .decoders.base import RowSeed, dense_gradients, masked_cross_entropy_sum
     from .distribute import is_chief, local_replica_ids, worker_name
 
     if len(train.tokens) == 0 or len(val.tokens) == 0:
@@ -209,67 +211,12 @@ def fit(
         model.build()
         optimizer = keras.optimizers.Adam(settings.learning_rate)
         optimizer.build(model.trainable_variables)
-    L, C = train.features.shape[1:]
-    sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
-    vec, scalar = tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.float32)
-
     # With length buckets a batch of short captions has few tokens; dividing its loss by its
     # own token count would weigh each of those tokens more than a long caption's. Dividing by
     # the epoch's mean tokens per batch instead weighs every token alike, as a shuffled epoch
     # does on average. Without buckets the batch's own count is used, as always.
     per_batch = float((train.tokens[:, 1:] > 0).sum()) * settings.batch_size / len(train.tokens)
-
-    def replica_train_step(feats, tokens, rows, seed, norm):
-        """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
-        whole batch's loss divisor, so the replicas' gradients add up to the batch's."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        with tf.GradientTape() as tape:
-            logits, aux = model.forward(feats, inputs, dropout_seed=RowSeed(seed, rows[0], rows[1]))
-            ce_sum, count = masked_cross_entropy_sum(logits, targets)
-            loss = ce_sum / norm
-            if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
-                share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows
-                loss += settings.attention_reg * model.extra_loss(aux, tf.cast(targets > 0, logits.dtype)) * share
-        grads = dense_gradients(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-        if replicas > 1:  # clip the whole batch's gradient, as one process would
-            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
-        if replicas > 1:  # Keras' apply_gradients sums over the replicas once more
-            grads = [g / replicas for g in grads]
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss, ce_sum, count
-
-    def replica_val_step(feats, tokens):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, _ = model.forward(feats, inputs)
-        return masked_cross_entropy_sum(logits, targets)
-
-    if replicas == 1:  # one signature: no retracing for new batch or caption lengths
-        train_step = tf.function(replica_train_step, input_signature=sig + [vec, vec, scalar])
-        val_step = tf.function(replica_val_step, input_signature=sig)
-    else:
-
-        def summed(fn):
-            @tf.function(reduce_retracing=True)
-            def run(*args):
-                out = strategy.run(fn, args=args)
-                return [strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None) for x in out]
-
-            return run
-
-        train_step, val_step = summed(replica_train_step), summed(replica_val_step)
-
-    def inputs(parts, n):
-        """Per-replica (features, tokens, rows) of one batch, as the step takes them."""
-        values = [(f, t, np.array([offset, n], np.int32)) for f, t, offset in parts]
-        if replicas == 1:
-            return values[0]
-        return tuple(
-            strategy.experimental_distribute_values_from_function(
-                lambda ctx, i=i: values[local.index(ctx.replica_id_in_sync_group)][i]
-            )
-            for i in range(3)
-        )
+    train_step, val_step, inputs = _steps(model, optimizer, settings, strategy, train.features.shape[1:], local)
 
     fingerprint = _fingerprint(model, settings, train, val)
     state, best_weights = begin_or_resume(
@@ -360,6 +307,89 @@ def fit(
             on_epoch,
         )
     return finish(checkpoint_dir if chief else None, model, optimizer, state, best_weights)
+
+
+def _steps(model, optimizer, settings, strategy, feature_shape, local):
+    """``(train_step, val_step, inputs)``: the compiled steps over ``strategy``'s replicas, and
+    ``inputs(parts, n)``, which turns one batch's per-replica parts into what they take.
+
+    ``train_step(feats, tokens, rows, seed, norm) -> (loss, summed cross-entropy, tokens)``,
+    ``val_step(feats, tokens) -> (summed cross-entropy, tokens)``, each summed over replicas.
+    """
+    import tensorflow as tf
+
+    from .decoders.base import RowSeed, dense_gradients, masked_cross_entropy_sum
+
+    L, C = feature_shape
+    replicas = strategy.num_replicas_in_sync
+    sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
+    vec, scalar = tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.float32)
+
+    def loss_and_gradients(feats, tokens, rows, seed, norm):
+        """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
+        whole batch's loss divisor, so the replicas' gradients add up to the batch's."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with tf.GradientTape() as tape:
+            # Masks drawn for all replicas' rows (padding included: a size known when compiling)
+            # and cut at this replica's; row i's mask is the same for any padded size (tested).
+            padded = tf.shape(tokens)[0] * replicas
+            logits, aux = model.forward(feats, inputs, dropout_seed=RowSeed(seed, rows[0], padded))
+            ce_sum, count = masked_cross_entropy_sum(logits, targets)
+            loss = ce_sum / norm
+            if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
+                share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows
+                extra = tf.cast(model.extra_loss(aux, tf.cast(targets > 0, logits.dtype)), tf.float32)
+                loss += settings.attention_reg * extra * share
+        grads = dense_gradients(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss, ce_sum, count, grads
+
+    def val_loss_sum(feats, tokens):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        logits, _ = model.forward(feats, inputs)
+        return masked_cross_entropy_sum(logits, targets)
+
+    # train.jit: XLA fuses the many small element-wise ops of a step into few kernels.
+    compiled = (lambda fn: tf.function(fn, jit_compile=True)) if settings.jit else (lambda fn: fn)
+    grads_step, replica_val_step = compiled(loss_and_gradients), compiled(val_loss_sum)
+
+    def replica_train_step(feats, tokens, rows, seed, norm):
+        loss, ce_sum, count, grads = grads_step(feats, tokens, rows, seed, norm)
+        if replicas > 1:  # clip the whole batch's gradient, as one process would
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
+        if replicas > 1:  # Keras' apply_gradients sums over the replicas once more
+            grads = [g / replicas for g in grads]
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss, ce_sum, count
+
+    if replicas == 1:  # one signature: no retracing for new batch or caption lengths
+        train_step = tf.function(replica_train_step, input_signature=sig + [vec, vec, scalar])
+        val_step = tf.function(replica_val_step, input_signature=sig)
+    else:
+
+        def summed(fn):
+            @tf.function(reduce_retracing=True)
+            def run(*args):
+                out = strategy.run(fn, args=args)
+                return [strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None) for x in out]
+
+            return run
+
+        train_step, val_step = summed(replica_train_step), summed(replica_val_step)
+
+    def inputs(parts, n):
+        """Per-replica (features, tokens, rows) of one batch, as the step takes them."""
+        values = [(f, t, np.array([offset, n], np.int32)) for f, t, offset in parts]
+        if replicas == 1:
+            return values[0]
+        return tuple(
+            strategy.experimental_distribute_values_from_function(
+                lambda ctx, i=i: values[local.index(ctx.replica_id_in_sync_group)][i]
+            )
+            for i in range(3)
+        )
+
+    return train_step, val_step, inputs
 
 
 def _check_agreement(strategy, state, checkpoint_dir):

@@ -29,6 +29,8 @@ class Params:
     bucket: int = config.field(lo=0)  # batches per length-sorted pool (0: plain shuffle); less padding
     read_block: int = config.field(lo=1)  # images per shuffled block of feature rows (1: full shuffle)
     strategy: str = config.field(choices=("auto", "default", "mirrored", "multi_worker"))  # captioning.distribute
+    jit: bool = config.field()  # XLA-compile the training step (one compile per batch shape)
+    precision: str = config.field(choices=("float32", "mixed_bfloat16"))  # captioning.decoders.PRECISIONS
 
 
 def load_split(store, captions_h5, split):
@@ -103,6 +105,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
         feature_dim=store.feature_dim,
         num_locations=store.num_locations,
         blind=p.blind,
+        precision=p.precision,
         **{k: getattr(p, k) for k in DECODERS[p.decoder].SETTINGS},
     )
     settings = FitSettings(
@@ -116,6 +119,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
         seed=seed,
         bucket=p.bucket,
         read_block=p.read_block,
+        jit=p.jit,
     )
     if not is_chief(strategy):  # a helper worker: the chief writes the checkpoint and every output
         state = fit(

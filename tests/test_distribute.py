@@ -34,9 +34,17 @@ def test_row_seed_dropout_is_the_whole_batch_mask_cut_into_slices():
     seed = tf.constant([3, 9])
     whole = dropout(x, 0.3, seed).numpy()
     assert np.array_equal(dropout(x, 0.3, RowSeed(seed, tf.constant(0), tf.constant(7))).numpy(), whole)
+    for parts in (2, 3, 4):  # drawn for the padded rows (m * parts), as training does
+        m, slices = replica_slices(7, parts)
+        cut = [dropout(x[a:b], 0.3, RowSeed(seed, tf.constant(a), tf.constant(m * parts))).numpy() for a, b in slices]
+        assert np.array_equal(np.concatenate(cut), whole), parts
+    # Compiled by XLA (train.jit): other random numbers, but again a row's mask does not depend
+    # on how many rows are drawn after it, so padding the batch for replicas changes nothing.
+    xla = tf.function(lambda x, offset, total: dropout(x, 0.3, RowSeed(seed, offset, total)), jit_compile=True)
+    whole = xla(x, tf.constant(0), tf.constant(7)).numpy()
     for parts in (2, 3, 4):
         m, slices = replica_slices(7, parts)
-        cut = [dropout(x[a:b], 0.3, RowSeed(seed, tf.constant(a), tf.constant(7))).numpy() for a, b in slices]
+        cut = [xla(x[a : a + m], tf.constant(a), tf.constant(m * parts)).numpy()[: b - a] for a, b in slices]
         assert np.array_equal(np.concatenate(cut), whole), parts
     # split seeds keep the slice, and the same streams as a plain seed
     a, b = dropout_seeds(RowSeed(seed, tf.constant(2), tf.constant(7)))

@@ -14,7 +14,7 @@ import pytest
 
 from captioning.decoders import build_decoder
 from captioning.errors import CaptioningError
-from captioning.train import CaptionSet, FitSettings, best_epoch_metrics, fit
+from captioning.train import CaptionSet, FitSettings, _fingerprint, best_epoch_metrics, fit
 
 
 def toy_sets(seed=0, h5=None):
@@ -159,6 +159,43 @@ def test_same_seed_same_weights(tmp_path):
         weights.append([w.numpy() for w in m.weights])
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
+
+
+def test_xla_step_learns_repeats_itself_and_matches_the_plain_step(tmp_path):
+    """train.jit: XLA computes the plain step's numbers to float rounding (shown without dropout:
+    XLA draws other dropout masks, its Philox differing from TF's kernel), run after run alike."""
+    from captioning.cli import seed_everything
+
+    train, val = toy_sets()
+    curves = []
+    for i, jit in enumerate((True, True, False)):
+        seed_everything(0)
+        m = build_decoder("gru", vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, dropout=0.0)
+        s = dataclasses.replace(SETTINGS, epochs=2, jit=jit)
+        state = fit(m, train, val, s, tmp_path / f"c{i}", progress=False, log=lambda s: None)
+        curves.append([(h["train_loss"], h["val_loss"]) for h in state["history"]])
+    assert curves[0] == curves[1] and curves[0][-1][1] < curves[0][0][1] * 0.8, curves
+    np.testing.assert_allclose(curves[0], curves[2], rtol=1e-4)
+
+
+def test_mixed_bfloat16_trains_with_float32_weights_and_its_own_fingerprint(tmp_path):
+    from captioning.cli import seed_everything
+
+    train, val = toy_sets()
+    seed_everything(0)
+    m = build_decoder(
+        "gru", precision="mixed_bfloat16", vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8
+    )
+    state = fit(m, train, val, dataclasses.replace(SETTINGS, epochs=3), tmp_path / "c", progress=False)
+    # a float32 checkpoint of the same settings is another run: never resumed into this one
+    assert _fingerprint(m, SETTINGS, train, val) != _fingerprint(make_model(), SETTINGS, train, val)
+    losses = [h["val_loss"] for h in state["history"]]
+    assert m.compute_dtype == "bfloat16" and all(w.dtype == "float32" for w in m.weights)
+    assert losses[-1] < losses[0] * 0.8, losses
+    logits, _ = m.forward(np.zeros((2, 4, 6), np.float32), np.ones((2, 3), np.int32))
+    assert logits.dtype == "bfloat16"
+    with pytest.raises(CaptioningError, match="unknown precision 'mixed_float16'"):
+        build_decoder("gru", precision="mixed_float16", vocab_size=8, feature_dim=6, num_locations=4)
 
 
 KILLABLE = """

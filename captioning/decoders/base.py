@@ -29,14 +29,15 @@ from keras import layers
 class RowSeed(NamedTuple):
     """A dropout seed for a slice of a batch split over replicas (tf.distribute).
 
-    The masks are drawn for the whole ``total``-row batch and rows ``offset ...`` taken, so a
-    caption gets the same mask whichever replica it lands on and however many there are.
-    Rows past ``total`` (a replica's padding) reuse the last row's mask; their loss is masked.
+    The masks are drawn for ``total`` rows (the whole batch, or all replicas' rows with their
+    padding) and rows ``offset ...`` taken, so a caption gets the same mask whichever replica
+    it lands on and however many there are: a stateless draw's leading rows do not depend on
+    how many rows follow (tested). Rows past ``total`` reuse the last row's mask.
     """
 
     seed: tf.Tensor  # int32 (2,)
     offset: tf.Tensor  # int32 (): this replica's first row in the batch
-    total: tf.Tensor  # int32 (): rows in the whole batch
+    total: tf.Tensor  # int32 (): rows drawn for
 
 
 def dropout_seeds(seed, n=2):
@@ -66,7 +67,9 @@ def dropout(x, rate, seed):
 
 
 def masked_cross_entropy_sum(logits, targets):
-    """``(summed cross-entropy, count)`` over the real tokens (targets > 0; 0 is <pad>)."""
+    """``(summed cross-entropy, count)`` over the real tokens (targets > 0; 0 is <pad>), in float32
+    whatever the logits' dtype (mixed precision)."""
+    logits = tf.cast(logits, tf.float32)
     mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
     return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)

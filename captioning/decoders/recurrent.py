@@ -102,14 +102,20 @@ class RecurrentDecoder(Decoder):
             for layer in (self.att_query, self.att_gate):
                 if not layer.built:
                     layer.build((None, self.units))
+            if not self.att_score.built:
+                self.att_score.build((None, self.attention_units))
             w_h += [self.att_query.kernel, self.att_gate.kernel]  # (U, A), (U, 1)
-        return {
+        w = {
             "w_h": tf.concat(w_h, axis=1),  # (U, G [+ A + 1])
             "k_word": kernel[: self.embed_dim],  # (E, G)
             "k_ctx": kernel[self.embed_dim :],  # (C, G) or (0, G)
             "b_in": self.input_bias(),  # (G,)
             "b_rec": self.recurrent_bias(),  # (G,) or None
         }
+        if self.attention:
+            w.update(k_score=self.att_score.kernel, b_score=self.att_score.bias, b_gate=self.att_gate.bias)
+        # Mixed precision (train.precision): float32 weights, products in the compute dtype.
+        return {k: None if v is None else tf.cast(v, self.compute_dtype) for k, v in w.items()}
 
     def _recur(self, gx_word, states, f, keys, w):
         """One step: gx_word (B, G) (the word's input projection) -> states', ctx (B, C or 0), alpha (B, L)."""
@@ -120,8 +126,12 @@ class RecurrentDecoder(Decoder):
         gh = parts[0] if w["b_rec"] is None else parts[0] + w["b_rec"]
         if self.attention:
             q = parts[1]  # (B, A) the attention query
-            gate = tf.sigmoid(parts[2] + self.att_gate.bias)  # (B, 1) SAT's beta
-            e = tf.squeeze(self.att_score(tf.tanh(keys + q[:, None, :])), -1)  # (B, L)
+            gate = tf.sigmoid(parts[2] + w["b_gate"])  # (B, 1) SAT's beta
+            x = tf.tanh(keys + q[:, None, :])  # (B, L, A)
+            # Dense's product, written as one 2-D matmul: the same numbers, and no shape-
+            # dependent transpose in its gradient (which XLA cannot compile inside the loop).
+            e = tf.reshape(tf.matmul(tf.reshape(x, [-1, self.attention_units]), w["k_score"]), tf.shape(x)[:2])
+            e = e + w["b_score"]  # (B, L)
             alpha = tf.nn.softmax(e, axis=-1)
             ctx = gate * tf.squeeze(tf.matmul(alpha[:, None, :], f), 1)  # (B, C)
             gx = gx_word + tf.matmul(ctx, w["k_ctx"])  # (B, G)
