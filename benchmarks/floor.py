@@ -1,11 +1,12 @@
 """How close one training epoch runs to the machine's arithmetic floor.
 
-    python -m benchmarks.floor FEATURES CAPTIONS [--batch 128 --units 512 ...] [--in-memory] [--bucket 16]
+    python -m benchmarks.floor FEATURES CAPTIONS [--preset default] [--in-memory] [--bucket 16] [--jit --epochs 2]
 
 Measures, in one run: the large-sgemm rate of this machine (2048x2048x2048 float32 through
 TensorFlow, the engine training uses), the FLOPs of one epoch's *real* tokens (padding not
 counted; forward + backward = 3x forward, plus the val pass), and the wall time of one epoch of
-``captioning.train.fit`` on the given features. Prints epoch time / floor. The defaults are
+``captioning.train.fit`` on the given features (the last of ``--epochs``: with ``--jit`` the
+XLA compiles fall in the first). Prints epoch time / floor. The defaults are
 benchmarks/flickr8k.sh's model; ``--preset default`` is the default pipeline's GRU-256.
 
 Works against an older checkout too (``PYTHONPATH=OLD_CHECKOUT``), for before/after figures:
@@ -72,8 +73,10 @@ def peak_rss_gb() -> float:
 @click.option("--bucket", default=16, show_default=True, help="Batches per length-sorted pool (0: plain shuffle).")
 @click.option("--read-block", default=1, show_default=True, help="Images per shuffled block of feature rows.")
 @click.option("--max-captions", default=0, help="Train on the first N captions only (0: all).")
+@click.option("--jit", is_flag=True, help="train.jit: XLA-compile the step (compiles count in epoch 1).")
+@click.option("--epochs", default=1, show_default=True, help="Time the last of N epochs (N > 1: compiles left out).")
 @click.option("--seed", default=42, show_default=True)
-def main(features, captions, preset, kind, attention, in_memory, bucket, read_block, max_captions, seed):
+def main(features, captions, preset, kind, attention, in_memory, bucket, read_block, max_captions, jit, epochs, seed):
     from captioning.cli import seed_everything
 
     seed_everything(seed)
@@ -115,12 +118,13 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     wanted = dict(
         batch_size=cfg["batch"],
         learning_rate=cfg["lr"],
-        epochs=1,
-        patience=1,
+        epochs=epochs,
+        patience=epochs,
         attention_reg=cfg["reg"] if attention else 0.0,
         seed=seed,
         bucket=bucket,
         read_block=read_block,
+        jit=jit,
     )
     fields = {f.name for f in dataclasses.fields(train_mod.FitSettings)}
     settings = train_mod.FitSettings(**{k: v for k, v in wanted.items() if k in fields})
@@ -128,8 +132,13 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
         state = train_mod.fit(
             model, train, val, settings, os.path.join(tmp, "ckpt"), progress=False, log=lambda m: None
         )
-    epoch_s = state["history"][0]["seconds"]
-    losses = f"train_loss {state['history'][0]['train_loss']:.4f} val_loss {state['history'][0]['val_loss']:.4f}"
+    last = state["history"][-1]
+    epoch_s = last["seconds"]
+    losses = f"epoch {last['epoch']}: train_loss {last['train_loss']:.4f} val_loss {last['val_loss']:.4f}"
+    if epochs > 1:
+        losses += f"; epoch 1 took {state['history'][0]['seconds']:.1f} s"
+    if jit and "jit" not in fields:
+        notes.append("older code: no jit")
 
     tok, cap = forward_flops(
         kind,
@@ -156,6 +165,7 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
         f" epoch {flops / 1e12:.2f} TFLOP"
     )
     mode = ("streamed from disk" if streaming else "in RAM") + (f", bucket {bucket}" if "bucket" in fields else "")
+    mode += ", XLA" if jit and "jit" in fields else ""
     print(
         f"sgemm {gflops:.0f} GFLOP/s -> floor {floor_s:.1f} s; epoch {epoch_s:.1f} s ({mode});"
         f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB; {losses}"
