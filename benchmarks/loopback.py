@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -41,16 +40,6 @@ def train_args(out):
     return (*DATA, "--model-dir", f"{out}_model", "--checkpoint", f"{out}_ckpt", "--live-dir", f"{out}_live")
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def summary(workdir, out):
     import h5py
     import numpy as np
@@ -71,6 +60,8 @@ def summary(workdir, out):
 def main(workdir, images, epochs, workers):
     """Print steps/s and loss match of one process against WORKERS loopback workers."""
     import numpy as np
+
+    from captioning.distribute import loopback_cluster
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
@@ -101,7 +92,7 @@ def main(workdir, images, epochs, workers):
         if n == 1:
             stage("train", one, *train_args(name), "--no-progress")
         else:
-            cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(n)]}
+            cluster = loopback_cluster(n)
             procs = [
                 stage(
                     "train",

@@ -103,3 +103,18 @@ def replica_slices(n: int, replicas: int) -> tuple[int, list[tuple[int, int]]]:
     """``(m, [(start, stop)] per replica)``: contiguous slices of ``n`` rows, each padded to ``m``."""
     m = -(-n // replicas)
     return m, [(min(r * m, n), min(r * m + m, n)) for r in range(replicas)]
+
+
+def loopback_cluster(workers: int) -> dict:
+    """A ``TF_CONFIG`` cluster of ``workers`` workers on free ports of 127.0.0.1 (tests, benchmarks,
+    trying ``multi_worker`` on one machine)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(workers)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]}
+    finally:
+        for s in socks:
+            s.close()

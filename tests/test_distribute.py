@@ -8,7 +8,6 @@ with two worker processes talking gRPC on 127.0.0.1, each compared with one plai
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from click.testing import CliRunner
 from conftest import ROOT, TINY_PARAMS, merged, prepare_training_data
 
 from captioning.decoders.base import RowSeed, dense_gradients, dropout, dropout_seeds
-from captioning.distribute import replica_slices
+from captioning.distribute import loopback_cluster, replica_slices
 from captioning.train import CaptionSet
 from stages import train as train_stage
 
@@ -202,19 +201,9 @@ def test_mirrored_over_two_cpus_matches_one_process(data_dir, one_process):
     assert_same_run(data_dir, "ck_mirrored", one_process)
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def start_workers(root, params, out, checkpoints):
     """One train process per checkpoint folder, as workers 0..N-1 of a loopback cluster."""
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(len(checkpoints))]}
+    cluster = loopback_cluster(len(checkpoints))
     procs = []
     for i, ck in enumerate(checkpoints):
         env = {
