@@ -65,10 +65,10 @@ class CaptionSet:
     def replica_batches(self, batch_size, rng=None, bucket=0, block=1, replicas=1, local=(0,), prefetch_depth=2):
         """The batches of ``batches``, each cut for ``replicas`` replicas (captioning.distribute).
 
-        Yields ``(n, tokens, parts)``: the batch's caption count, its real target tokens (the
-        loss divisor) and, for each replica id in ``local``
-        (this process's replicas), ``(features (m, L, C), tokens (m, T_b), offset)``, padded to
-        ``m = ceil(n / replicas)`` rows with empty captions. Only the local replicas' rows are read.
+        Yields ``(n, n_tokens, parts)``: the batch's caption count, its real target tokens (the
+        loss divisor), and for each replica id in ``local`` (this process's replicas)
+        ``(features (m, L, C), tokens (m, T_b), offset)``, padded to ``m = ceil(n / replicas)``
+        rows with empty captions. Only the local replicas' rows are read.
         """
         from .batching import prefetch
         from .distribute import replica_slices
@@ -258,11 +258,11 @@ def fit(
             batches(train, rng), total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False
         )
         try:
-            for rows, tokens, parts in bar:
+            for n_rows, n_tokens, parts in bar:
                 state["step"] += 1
                 seed = tf.constant([settings.seed, state["step"]], tf.int32)
-                norm = tf.constant(per_batch if settings.bucket > 1 else max(tokens, 1), tf.float32)
-                loss, ce_sum, count = (float(x) for x in train_step(*inputs(parts, rows), seed, norm))
+                norm = tf.constant(per_batch if settings.bucket > 1 else max(n_tokens, 1), tf.float32)
+                loss, ce_sum, count = (float(x) for x in train_step(*inputs(parts, n_rows), seed, norm))
                 if not np.isfinite(loss):
                     raise CaptioningError(
                         f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); "
@@ -271,8 +271,8 @@ def fit(
                 total, n = total + ce_sum, n + count  # train_loss: cross-entropy per real token
                 bar.set_postfix(loss=f"{total / n:.3f}")
             ce, count = 0.0, 0.0
-            for rows, _, parts in batches(val):
-                s, c = val_step(*inputs(parts, rows)[:2])
+            for n_rows, _, parts in batches(val):
+                s, c = val_step(*inputs(parts, n_rows)[:2])
                 ce, count = ce + float(s), count + float(c)
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as e:
             if replicas == 1:
