@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import ROOT, TINY_PARAMS, merged, prepare_training_data
 
 from captioning.decoders.base import RowSeed, dense_gradients, dropout, dropout_seeds
-from captioning.distribute import loopback_cluster, replica_slices
+from captioning.distribute import is_chief, loopback_cluster, make_strategy, replica_slices, worker_name
 from captioning.train import CaptionSet
 from stages import train as train_stage
 
@@ -159,6 +159,15 @@ def assert_same_run(root, a, b):
     np.testing.assert_allclose(ha, hb, rtol=0, atol=2e-6)
     for wa, wb in zip(best_weights(root, a), best_weights(root, b)):
         np.testing.assert_allclose(wa, wb, rtol=0, atol=TINY_PARAMS["train"]["learning_rate"] / 2)
+
+
+def test_auto_is_the_plain_strategy_on_a_machine_without_gpus_or_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    strategy = make_strategy("auto")
+    assert strategy is tf.distribute.get_strategy() and strategy.num_replicas_in_sync == 1
+    assert is_chief(strategy) and worker_name(strategy) == "single process"
 
 
 def test_unknown_strategy_and_missing_tf_config_are_clear_errors(data_dir, monkeypatch):
