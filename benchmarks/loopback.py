@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,7 +88,7 @@ def main(workdir, images, epochs, workers):
     rows = []
     for name, n in (("one", 1), ("multi", workers)):
         for p in Path(".").glob(f"{name}*_*"):
-            subprocess.run(["rm", "-rf", str(p)], check=True)
+            shutil.rmtree(p)
         t0 = time.perf_counter()
         if n == 1:
             stage("train", one, *train_args(name), "--no-progress")

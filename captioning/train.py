@@ -34,16 +34,6 @@ class CaptionSet:
     tokens: np.ndarray  # (N_captions, T) int32, <start> ... <end> then 0 padding
     image_rows: np.ndarray  # (N_captions,) row of each caption's image in ``features``
 
-    def _order(self, batch_size, rng, bucket, block):
-        """The batches' caption indices: seeded (training) or fixed (evaluation), see ``batches``."""
-        from .batching import batch_order
-
-        lengths = (self.tokens > 0).sum(axis=1)
-        if rng is not None:
-            return batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block), lengths
-        seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
-        return [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)], lengths
-
     def batches(self, batch_size, rng=None, bucket=0, block=1, prefetch_depth=2):
         """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption.
 
@@ -51,29 +41,29 @@ class CaptionSet:
         (evaluation): every caption in file order, or sorted by length when ``bucket`` > 1. The
         order is fixed before the first batch is read; a thread reads ``prefetch_depth`` ahead.
         """
-        from .batching import prefetch
-
-        order, lengths = self._order(batch_size, rng, bucket, block)
-
-        def read():
-            for idx in order:
-                toks = self.tokens[idx]
-                yield self.features[self.image_rows[idx]], toks[:, : int(lengths[idx].max())]
-
-        return prefetch(read(), prefetch_depth) if prefetch_depth > 0 else read()
+        for _, _, [(feats, toks, _)] in self.replica_batches(
+            batch_size, rng, bucket=bucket, block=block, prefetch_depth=prefetch_depth
+        ):
+            yield feats, toks
 
     def replica_batches(self, batch_size, rng=None, bucket=0, block=1, replicas=1, local=(0,), prefetch_depth=2):
-        """The batches of ``batches``, each cut for ``replicas`` replicas (captioning.distribute).
+        """The batches of ``batches`` (one per replica with ``replicas`` 1), each cut for
+        ``replicas`` replicas (captioning.distribute).
 
         Yields ``(n, n_tokens, parts)``: the batch's caption count, its real target tokens (the
         loss divisor), and for each replica id in ``local`` (this process's replicas)
         ``(features (m, L, C), tokens (m, T_b), offset)``, padded to ``m = ceil(n / replicas)``
         rows with empty captions. Only the local replicas' rows are read.
         """
-        from .batching import prefetch
+        from .batching import batch_order, prefetch
         from .distribute import replica_slices
 
-        order, lengths = self._order(batch_size, rng, bucket, block)
+        lengths = (self.tokens > 0).sum(axis=1)
+        if rng is not None:
+            order = batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block)
+        else:
+            seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
+            order = [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)]
         L, C = self.features.shape[1:]
 
         def read():

@@ -20,6 +20,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import ROOT, TINY_PARAMS, merged, prepare_training_data
 
+from captioning.batching import batch_order
 from captioning.decoders.base import RowSeed, dense_gradients, dropout, dropout_seeds
 from captioning.distribute import is_chief, loopback_cluster, make_strategy, replica_slices, worker_name
 from captioning.train import CaptionSet
@@ -66,7 +67,13 @@ def test_replica_batches_read_only_local_rows_without_overlap():
     for i in range(11):
         tokens[i, : 3 + i % 3] = [1, *rng.integers(4, 9, size=1 + i % 3), 2]
     data = CaptionSet(feats, tokens, rng.integers(0, 6, size=11))
-    plain = list(data.batches(5, np.random.default_rng(1), prefetch_depth=0))
+    # the expected batches, built here from the epoch order itself (not through CaptionSet)
+    lengths = (tokens > 0).sum(axis=1)
+    order = batch_order(lengths, data.image_rows, 5, np.random.default_rng(1))
+    plain = [(feats[data.image_rows[idx]], tokens[idx][:, : lengths[idx].max()]) for idx in order]
+    assert [t.tolist() for _, t in data.batches(5, np.random.default_rng(1), prefetch_depth=0)] == [
+        t.tolist() for _, t in plain
+    ]
     for replicas in (1, 2, 3):
         seen = [[] for _ in plain]
         for local in ([r] for r in range(replicas)):  # one process per replica, as with workers
