@@ -315,6 +315,11 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
     sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
     vec, scalar = tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.float32)
 
+    def lengths(targets):
+        """(B,) each caption's real steps: the decoder may skip the rest (packed sequences);
+        not under XLA, which needs shapes fixed when it compiles."""
+        return None if settings.jit else tf.reduce_sum(tf.cast(targets > 0, tf.int32), axis=1)
+
     def loss_and_gradients(feats, tokens, rows, seed, norm):
         """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
         whole batch's loss divisor, so the replicas' gradients add up to the batch's."""
@@ -323,7 +328,7 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
             # Masks drawn for all replicas' rows (padding included: a size known when compiling)
             # and cut at this replica's; row i's mask is the same for any padded size (tested).
             padded = tf.shape(tokens)[0] * replicas
-            logits, aux = model.forward(feats, inputs, dropout_seed=RowSeed(seed, rows[0], padded))
+            logits, aux = model.forward(feats, inputs, RowSeed(seed, rows[0], padded), lengths=lengths(targets))
             ce_sum, count = masked_cross_entropy_sum(logits, targets)
             loss = ce_sum / norm
             if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
@@ -335,7 +340,7 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
 
     def val_loss_sum(feats, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, _ = model.forward(feats, inputs)
+        logits, _ = model.forward(feats, inputs, lengths=lengths(targets))
         return masked_cross_entropy_sum(logits, targets)
 
     # train.jit: XLA fuses the many small element-wise ops of a step into few kernels.

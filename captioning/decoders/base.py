@@ -5,8 +5,10 @@ The contract that training, beam search and captioning use, and nothing else:
 - ``initial_state(features (B, L, C)) -> state``: a tuple of tensors whose first axis is B
   (beam search repeats and reorders rows without knowing what they hold);
 - ``step(tokens (N,), state) -> (log_probs (N, V), state', attention (N, L))``;
-- ``forward(features, tokens_in (B, T), dropout_seed=None) -> (logits (B, T, V), aux)`` for
-  teacher forcing, ``aux["attention"]`` (B, T, L) where the image was looked at;
+- ``forward(features, tokens_in (B, T), dropout_seed=None, lengths=None) -> (logits (B, T, V), aux)``
+  for teacher forcing, ``aux["attention"]`` (B, T, L) where the image was looked at; with
+  ``lengths`` (B,) the steps past a row's length may be skipped (their outputs are then zeros;
+  training passes the real target counts, so padding costs nothing);
 - ``extra_loss(aux, mask (B, T))``: the decoder's own training term (0 if it has none), weighted
   by ``train.attention_reg``;
 - ``settings()``: the constructor arguments, saved beside the weights to rebuild it exactly;
@@ -52,18 +54,29 @@ def dropout_seeds(seed, n=2):
     return tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int32), num=n))
 
 
-def dropout(x, rate, seed):
-    """Stateless dropout on ``x`` (B, ...); ``seed`` None turns it off."""
+def dropout(x, rate, seed, packed=None):
+    """Stateless dropout on ``x`` (B, ...); ``seed`` None turns it off.
+
+    ``packed``: x (N, ...) holds only some positions of a (B, T, ...) tensor: ``(index (N, 2),
+    [B, T])`` (see bptt.Packing); the masks are drawn for the whole tensor and those positions taken, so
+    every position gets the mask it would get unpacked.
+    """
     if seed is None or rate <= 0:
         return x
-    if not isinstance(seed, RowSeed):
+    if packed is None and not isinstance(seed, RowSeed):
         return tf.nn.experimental.stateless_dropout(x, rate, seed=seed)
     # The same arithmetic as stateless_dropout over the whole batch, then this replica's rows:
     # with offset 0 and total B it equals stateless_dropout(x) bit for bit (tested).
-    shape = tf.concat([[seed.total], tf.shape(x)[1:]], axis=0)
-    keep = tf.random.stateless_uniform(shape, seed=seed.seed, dtype=x.dtype) >= rate  # (total, ...)
-    rows = tf.minimum(seed.offset + tf.range(tf.shape(x)[0]), seed.total - 1)
-    return tf.where(tf.gather(keep, rows), x * tf.constant(1 / (1 - rate), x.dtype), tf.zeros((), x.dtype))
+    index, shape = (None, tf.shape(x)) if packed is None else (packed[0], tf.concat([packed[1], tf.shape(x)[1:]], 0))
+    if not isinstance(seed, RowSeed):
+        seed = RowSeed(seed, tf.constant(0), shape[0])
+    full = tf.concat([[seed.total], shape[1:]], axis=0)
+    keep = tf.random.stateless_uniform(full, seed=seed.seed, dtype=x.dtype) >= rate  # (total, ...)
+    rows = tf.minimum(seed.offset + tf.range(shape[0]), seed.total - 1)
+    keep = tf.gather(keep, rows)  # (B, ...)
+    if index is not None:
+        keep = tf.gather_nd(keep, index)  # (N, ...)
+    return tf.where(keep, x * tf.constant(1 / (1 - rate), x.dtype), tf.zeros((), x.dtype))
 
 
 def masked_cross_entropy_sum(logits, targets):

@@ -17,6 +17,7 @@ import tensorflow as tf
 from keras import layers
 
 from .base import Decoder, coverage_term, dropout, dropout_seeds
+from .bptt import Packing, recurrent_scan
 
 
 class RecurrentDecoder(Decoder):
@@ -63,10 +64,19 @@ class RecurrentDecoder(Decoder):
     def make_cell(self, units):
         raise NotImplementedError
 
-    def gates(self, gx, gh, states):
+    def gates_cache(self, gx, gh, states):
         """The cell's update from its summed input projection ``gx`` (N, G) (input bias
-        included) and recurrent projection ``gh`` (N, G); returns the new states tuple."""
+        included) and recurrent projection ``gh`` (N, G): ``(new states tuple, cache)``, the
+        cache being what :meth:`gates_grad` needs (a tuple of tensors)."""
         raise NotImplementedError
+
+    def gates_grad(self, d_states, states, cache):
+        """The backward pass of :meth:`gates_cache`: the gradients at the new states (a tuple)
+        -> ``(d gx, d gh, d states)`` (the last without the path through ``gh``)."""
+        raise NotImplementedError
+
+    def gates(self, gx, gh, states):
+        return self.gates_cache(gx, gh, states)[0]
 
     def recurrent_bias(self):
         """Bias added to ``h @ recurrent_kernel`` (a GRU's reset-after bias), or None."""
@@ -117,8 +127,12 @@ class RecurrentDecoder(Decoder):
         # Mixed precision (train.precision): float32 weights, products in the compute dtype.
         return {k: None if v is None else tf.cast(v, self.compute_dtype) for k, v in w.items()}
 
-    def _recur(self, gx_word, states, f, keys, w):
-        """One step: gx_word (B, G) (the word's input projection) -> states', ctx (B, C or 0), alpha (B, L)."""
+    def _recur(self, gx_word, states, f, keys, w, keep=False):
+        """One step: gx_word (B, G) (the word's input projection) -> states', ctx (B, C or 0), alpha (B, L).
+
+        ``keep``: also return what the hand-written backward pass (bptt.py) needs: the
+        attention's (gate (B, 1), tanh (B, L, A), ungated context (B, C)) and the cell's cache.
+        """
         hw = tf.matmul(states[0], w["w_h"])  # (B, G [+ A + 1]): all that reads h, in one product
         g = w["k_word"].shape[-1]
         # tf.split, not slicing: its gradient is one concat, a slice's is a zero-padded copy per piece
@@ -133,21 +147,26 @@ class RecurrentDecoder(Decoder):
             e = tf.reshape(tf.matmul(tf.reshape(x, [-1, self.attention_units]), w["k_score"]), tf.shape(x)[:2])
             e = e + w["b_score"]  # (B, L)
             alpha = tf.nn.softmax(e, axis=-1)
-            ctx = gate * tf.squeeze(tf.matmul(alpha[:, None, :], f), 1)  # (B, C)
+            cu = tf.squeeze(tf.matmul(alpha[:, None, :], f), 1)  # (B, C) the context before the gate
+            ctx = gate * cu
             gx = gx_word + tf.matmul(ctx, w["k_ctx"])  # (B, G)
+            saved = (gate, x, cu)
         else:
-            ctx, alpha, gx = tf.zeros_like(gx_word[:, :0]), tf.zeros_like(f[:, :, 0]), gx_word
-        return self.gates(gx, gh, states), ctx, alpha
+            ctx, alpha, gx, saved = tf.zeros_like(gx_word[:, :0]), tf.zeros_like(f[:, :, 0]), gx_word, ()
+        new_states, cell_cache = self.gates_cache(gx, gh, states)
+        return (new_states, ctx, alpha, saved, cell_cache) if keep else (new_states, ctx, alpha)
 
-    def _logits(self, h, ctx, emb, seed=None):
-        z = dropout(self.out_hidden(tf.concat([h, ctx, emb], axis=-1)), self.dropout, seed)
+    def _logits(self, h, ctx, emb, seed=None, packed=None):
+        z = dropout(self.out_hidden(tf.concat([h, ctx, emb], axis=-1)), self.dropout, seed, packed)
         return self.out_logits(z)
 
     # ---- teacher-forced training -----------------------------------------------------------
-    def forward(self, features, tokens_in, dropout_seed=None):
+    def forward(self, features, tokens_in, dropout_seed=None, lengths=None):
         """features (B, L, C), tokens_in (B, T) -> logits (B, T, V), {"attention": (B, T, L)}.
 
         ``dropout_seed``: int32 (2,) tensor turns dropout on (training); None turns it off.
+        ``lengths`` (B,): only each row's first ``lengths`` steps are computed (packed, see
+        bptt.py); logits and attention past them are zeros. The rest equal the unpacked run's.
         """
         emb_seed = out_seed = None
         if dropout_seed is not None and self.dropout > 0:
@@ -155,17 +174,25 @@ class RecurrentDecoder(Decoder):
         *states, f, keys = self.initial_state(features)
         emb = dropout(self.embed(tokens_in), self.dropout, emb_seed)  # (B, T, E)
         w = self._fused()
-        gx_words = tf.tensordot(emb, w["k_word"], 1) + w["b_in"]  # (B, T, G): one product for all steps
-
-        def step(carry, gx_t):
-            return self._recur(gx_t, carry[0], f, keys, w)
-
-        ctx0 = tf.zeros_like(f[:, 0, :]) if self.attention else tf.zeros_like(states[0][:, :0])
-        init = (tuple(states), ctx0, tf.zeros_like(f[:, :, 0]))
-        hs, ctxs, alphas = tf.scan(step, tf.transpose(gx_words, [1, 0, 2]), initializer=init)  # time-major
-        hs = hs[0]  # the hidden state of every step
-        hs, ctxs, alphas = (tf.transpose(x, [1, 0, 2]) for x in (hs, ctxs, alphas))  # (B, T, .)
-        return self._logits(hs, ctxs, emb, out_seed), {"attention": alphas}
+        if lengths is None:  # every step of every row: time-major, shapes static (XLA)
+            gx = tf.tensordot(tf.transpose(emb, [1, 0, 2]), w["k_word"], 1) + w["b_in"]  # (T, B, G): one product
+            hs, ctxs, alphas = recurrent_scan(self, tf.reshape(gx, [-1, gx.shape[-1]]), tuple(states), f, keys, w)
+            steps_rows = tf.shape(gx)[:2]
+            hs, ctxs, alphas = (
+                tf.transpose(tf.reshape(x, tf.concat([steps_rows, [-1]], 0)), [1, 0, 2]) for x in (hs, ctxs, alphas)
+            )  # (B, T, .)
+            return self._logits(hs, ctxs, emb, out_seed), {"attention": alphas}
+        shape = tf.shape(tokens_in)  # (2,) B, T
+        pack = Packing.of(lengths, shape[1])
+        emb = tf.gather_nd(emb, pack.index)  # (N, E): the real steps only
+        gx = tf.matmul(emb, w["k_word"]) + w["b_in"]  # (N, G)
+        *states, f, keys = (tf.gather(x, pack.order) for x in (*states, f, keys))  # longest caption first
+        hs, ctxs, alphas = recurrent_scan(self, gx, tuple(states), f, keys, w, counts=pack.counts)
+        logits = self._logits(hs, ctxs, emb, out_seed, packed=(pack.index, shape))  # (N, V)
+        logits, alphas = (
+            tf.scatter_nd(pack.index, x, tf.concat([shape, tf.shape(x)[1:]], 0)) for x in (logits, alphas)
+        )
+        return logits, {"attention": alphas}  # (B, T, V), (B, T, L)
 
     def extra_loss(self, aux, mask):
         return coverage_term(aux["attention"], mask) if self.attention else tf.constant(0.0)

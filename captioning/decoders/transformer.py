@@ -95,8 +95,11 @@ class TransformerDecoder(Decoder):
             x = x + dropout(b["ff_out"](b["ff_in"](b["norm_ff"](x))), self.dropout, next(seeds) if seeds else None)
         return self.out_logits(self.norm_out(x)), maps
 
-    def forward(self, features, tokens_in, dropout_seed=None):
-        """features (B, L, C), tokens_in (B, T) -> logits (B, T, V), aux with the attention maps."""
+    def forward(self, features, tokens_in, dropout_seed=None, lengths=None):
+        """features (B, L, C), tokens_in (B, T) -> logits (B, T, V), aux with the attention maps.
+
+        ``lengths``: the contract lets a decoder skip the steps past them; this one computes all
+        (the causal mask already keeps them out of the real steps, and the products are full)."""
         seeds = None
         if dropout_seed is not None and self.dropout > 0:
             seeds = dropout_seeds(dropout_seed, 1 + 3 * self.num_layers)  # one stream per dropout site
