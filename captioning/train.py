@@ -344,7 +344,7 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
         return masked_cross_entropy_sum(logits, targets)
 
     # train.jit: XLA fuses the many small element-wise ops of a step into few kernels.
-    compiled = (lambda fn: tf.function(fn, jit_compile=True)) if settings.jit else (lambda fn: fn)
+    compiled = (lambda fn: tf.function(fn, jit_compile=True, autograph=False)) if settings.jit else (lambda fn: fn)
     grads_step, replica_val_step = compiled(loss_and_gradients), compiled(val_loss_sum)
 
     def replica_train_step(feats, tokens, rows, seed, norm):
@@ -357,13 +357,15 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss, ce_sum, count
 
+    # autograph=False: the steps have no Python control flow over tensors (the time loop is an
+    # explicit tf.while_loop), and converting their source took seconds at every start.
     if replicas == 1:  # one signature: no retracing for new batch or caption lengths
-        train_step = tf.function(replica_train_step, input_signature=sig + [vec, vec, scalar])
-        val_step = tf.function(replica_val_step, input_signature=sig)
+        train_step = tf.function(replica_train_step, input_signature=sig + [vec, vec, scalar], autograph=False)
+        val_step = tf.function(replica_val_step, input_signature=sig, autograph=False)
     else:
 
         def summed(fn):
-            @tf.function(reduce_retracing=True)
+            @tf.function(reduce_retracing=True, autograph=False)
             def run(*args):
                 out = strategy.run(fn, args=args)
                 return [strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None) for x in out]
