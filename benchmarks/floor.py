@@ -3,14 +3,18 @@
     python -m benchmarks.floor FEATURES CAPTIONS [--preset default] [--in-memory] [--bucket 16] [--jit --epochs 2]
 
 Measures, in one run: the large-sgemm rate of this machine (2048x2048x2048 float32 through
-TensorFlow, the engine training uses), the FLOPs of one epoch's *real* tokens (padding not
-counted; forward + backward = 3x forward, plus the val pass), and the wall time of one epoch of
+TensorFlow, the engine training uses; the mean of its rate before and after the epochs), the
+FLOPs of one epoch's *real* tokens (padding not counted; forward + backward = 3x forward, plus
+the val pass), and the wall time of one epoch of
 ``captioning.train.fit`` on the given features (the last of ``--epochs``: with ``--jit`` the
 XLA compiles fall in the first). Prints epoch time / floor. The defaults are
 benchmarks/flickr8k.sh's model; ``--preset default`` is the default pipeline's GRU-256.
 
-Works against an older checkout too (``PYTHONPATH=OLD_CHECKOUT``), for before/after figures:
-options the older code lacks (streaming, bucketing) are then left out and said so.
+Works against an older checkout too, for before/after figures: run this file as a script from
+outside both checkouts, ``cd /tmp && PYTHONPATH=OLD_CHECKOUT python NEW_CHECKOUT/benchmarks/floor.py
+...`` (``python -m`` from a checkout imports that checkout's package, whatever PYTHONPATH says).
+Options the older code lacks (streaming, bucketing) are then left out and said so; the first
+line printed names the package it timed.
 """
 
 from __future__ import annotations
@@ -80,11 +84,13 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     from captioning.cli import seed_everything
 
     seed_everything(seed)
+    import captioning
     from captioning import train as train_mod
     from captioning.decoders import build_decoder
     from captioning.feature_store import FeatureStore
     from captioning.vocab import load_encoded
 
+    print(f"timing {os.path.dirname(os.path.abspath(captioning.__file__))}")
     cfg = PRESETS[preset]
     gflops = sgemm_gflops()
     store = FeatureStore(features)
@@ -132,6 +138,10 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
         state = train_mod.fit(
             model, train, val, settings, os.path.join(tmp, "ckpt"), progress=False, log=lambda m: None
         )
+    # The machine's speed drifts over minutes (other tenants): the floor uses the mean of the
+    # rates measured before and after the epochs, and both are printed.
+    gflops_before, gflops_after = gflops, sgemm_gflops()
+    gflops = (gflops_before + gflops_after) / 2
     last = state["history"][-1]
     epoch_s = last["seconds"]
     losses = f"epoch {last['epoch']}: train_loss {last['train_loss']:.4f} val_loss {last['val_loss']:.4f}"
@@ -167,7 +177,8 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     mode = ("streamed from disk" if streaming else "in RAM") + (f", bucket {bucket}" if "bucket" in fields else "")
     mode += ", XLA" if jit and "jit" in fields else ""
     print(
-        f"sgemm {gflops:.0f} GFLOP/s -> floor {floor_s:.1f} s; epoch {epoch_s:.1f} s ({mode});"
+        f"sgemm {gflops:.0f} GFLOP/s ({gflops_before:.0f} before, {gflops_after:.0f} after) -> floor {floor_s:.1f} s;"
+        f" epoch {epoch_s:.1f} s ({mode});"
         f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB; {losses}"
         + (f"; {'; '.join(notes)}" if notes else "")
     )

@@ -165,7 +165,8 @@ def fine_tune(
         inputs = tf.concat([tf.fill([tf.shape(seqs)[0], 1], vocab.start_id), seqs[:, :-1]], axis=1)
         mask = tf.cast(seqs > 0, tf.float32)
         with tf.GradientTape() as tape:
-            logits, _ = decoder.forward(feats, inputs)  # no dropout: the policy that sampled
+            # No dropout: the policy that sampled. Only the sampled steps run (packed, for recurrent decoders).
+            logits, _ = decoder.forward(feats, inputs, lengths=tf.reduce_sum(tf.cast(seqs > 0, tf.int32), axis=1))
             logits = policy_logits(logits)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
             loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))

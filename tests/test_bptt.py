@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioning.decoders import build_decoder
+from captioning.decoders import DECODERS, build_decoder
 from captioning.decoders.base import coverage_term
 from captioning.decoders.bptt import Packing
+from captioning.decoders.recurrent import RecurrentDecoder
 
-VARIANTS = [("gru", True), ("gru", False), ("lstm", True), ("lstm", False)]
+RECURRENT = [name for name, cls in DECODERS.items() if issubclass(cls, RecurrentDecoder)]  # new cells too
+VARIANTS = [(name, attention) for name in RECURRENT for attention in (True, False)]
 LENGTHS = [3, 6, 0, 6, 1]  # an empty row (a replica's padding) and two of the longest
 B, T, L, C = 5, 6, 4, 6
 
