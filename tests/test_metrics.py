@@ -32,7 +32,6 @@ def test_per_image_scores_are_the_scorers_own():
     assert images["1"]["CIDEr"] > images["2"]["CIDEr"] == pytest.approx(0.0, abs=1e-9)
     # corpus CIDEr is the mean of the per-image terms
     assert scores["CIDEr"] == pytest.approx((images["1"]["CIDEr"] + images["2"]["CIDEr"]) / 2, abs=1e-5)
-    assert coco_scores(REFS, hyps, use_spice=False) == scores
 
 
 def test_wrong_captions_score_lower():
