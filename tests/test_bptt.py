@@ -13,6 +13,7 @@ from captioning.decoders.recurrent import RecurrentDecoder
 RECURRENT = [name for name, cls in DECODERS.items() if issubclass(cls, RecurrentDecoder)]  # new cells too
 VARIANTS = [(name, attention) for name in RECURRENT for attention in (True, False)]
 LENGTHS = [3, 6, 0, 6, 1]  # an empty row (a replica's padding) and two of the longest
+SHORT = [3, 5, 0, 2, 1]  # no row runs all T steps (a replica's slice of a longer batch)
 B, T, L, C = 5, 6, 4, 6
 
 
@@ -50,9 +51,9 @@ def autodiff_forward(dec, features, tokens_in):
     return dec._logits(hs, ctxs, emb), {"attention": alphas}
 
 
-def inputs():
+def inputs(lengths=LENGTHS):
     rng = np.random.default_rng(1)
-    mask = (np.arange(T)[None] < np.array(LENGTHS)[:, None]).astype("float32")  # (B, T)
+    mask = (np.arange(T)[None] < np.array(lengths)[:, None]).astype("float32")  # (B, T)
     tokens = rng.integers(1, 11, (B, T)).astype("int32") * mask.astype("int32")
     return tf.constant(rng.normal(size=(B, L, C)).astype("float32")), tf.constant(tokens), tf.constant(mask)
 
@@ -93,17 +94,17 @@ def test_backward_pass_equals_autodiff(name, attention):
 
 
 @pytest.mark.parametrize(
-    "name,attention,graph",
-    [(name, attention, False) for name, attention in VARIANTS] + [("gru", True, True)],  # traced: one is enough
+    "name,attention,graph,lengths",
+    [(name, attention, False, LENGTHS) for name, attention in VARIANTS]
+    + [("gru", True, True, LENGTHS), ("gru", True, False, SHORT), ("lstm", True, True, SHORT)],  # traced: a few
 )
-def test_packed_equals_padded(name, attention, graph):
+def test_packed_equals_padded(name, attention, graph, lengths):
     """Skipping the steps past each row's length changes nothing at the real steps, dropout
     masks included; the skipped positions are zeros."""
     dec = tiny(name, attention)
-    feats, tokens, mask = inputs()
+    feats, tokens, mask = inputs(lengths)
     seed = tf.constant([3, 4])
-    lengths = tf.constant(LENGTHS)
-    packed = lambda: dec.forward(feats, tokens, seed, lengths=lengths)  # noqa: E731
+    packed = lambda: dec.forward(feats, tokens, seed, lengths=tf.constant(lengths))  # noqa: E731
     run = tf.function(packed) if graph else packed
     loss, grads, logits = loss_and_grads(dec, run, mask)
     ref_loss, ref_grads, ref_logits = loss_and_grads(dec, lambda: dec.forward(feats, tokens, seed), mask)
