@@ -166,7 +166,7 @@ def fine_tune(
         mask = tf.cast(seqs > 0, tf.float32)
         with tf.GradientTape() as tape:
             # No dropout: the policy that sampled. Only the sampled steps run (packed, for recurrent decoders).
-            logits, _ = decoder.forward(feats, inputs, lengths=tf.reduce_sum(tf.cast(seqs > 0, tf.int32), axis=1))
+            logits, _ = decoder.forward(feats, inputs, lengths=tf.cast(tf.reduce_sum(mask, axis=1), tf.int32))
             logits = policy_logits(logits)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
             loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))

@@ -76,6 +76,11 @@ def test_packing_layout():
     index = p.index.numpy().tolist()
     assert index[:4] == [[1, 0], [3, 0], [0, 0], [4, 0]]  # step 0: every non-empty row
     assert index[4:7] == [[1, 1], [3, 1], [0, 1]]
+    place = p.place.numpy()  # (step, rank among the sorted rows)
+    assert place[:7].tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
+    assert np.array_equal(p.order.numpy()[place[:, 1]], np.array(index)[:, 0]) and np.array_equal(
+        place[:, 0], np.array(index)[:, 1]
+    )
     assert len(index) == sum(LENGTHS) and sorted(map(tuple, index)) == sorted(
         (b, t) for b, n in enumerate(LENGTHS) for t in range(n)
     )

@@ -34,6 +34,7 @@ class Packing(NamedTuple):
     order: tf.Tensor  # (B,) batch rows, longest caption first (stable)
     counts: tf.Tensor  # (T,) rows still running at each step, non-increasing
     index: tf.Tensor  # (N, 2) (batch row, step) of each packed row: scatter/gather into (B, T, ...)
+    place: tf.Tensor  # (N, 2) (step, sorted row r) of each packed row: scatter into (T, B, ...)
 
     @classmethod
     def of(cls, lengths, steps):
@@ -43,7 +44,7 @@ class Packing(NamedTuple):
         counts = tf.reduce_sum(tf.cast(lengths[None, :] > tf.range(steps)[:, None], tf.int32), axis=1)  # (T,)
         step = tf.repeat(tf.range(steps), counts)  # (N,)
         rank = tf.range(tf.shape(step)[0]) - tf.repeat(tf.cumsum(counts, exclusive=True), counts)  # row within step
-        return cls(order, counts, tf.stack([tf.gather(order, rank), step], axis=1))
+        return cls(order, counts, tf.stack([tf.gather(order, rank), step], axis=1), tf.stack([step, rank], axis=1))
 
 
 def _head(x, n):
@@ -64,11 +65,11 @@ def _merge_steps(x):
     return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
 
 
-def recurrent_scan(decoder, gx, states, f, keys, w, counts=None):
+def recurrent_scan(decoder, gx, states, f, keys, w, packing=None):
     """Run the decoder's cell over packed inputs ``gx`` (N, G) (the words' input projections).
 
     ``states`` (h0[, c0]) (B, U), ``f`` (B, L, C) and ``keys`` (B, L, A) are in packed row order
-    (see :class:`Packing`); ``counts`` (T,) the rows running at each step, or None for all B
+    (see :class:`Packing`); ``packing`` says which rows run at each step, or None for all B
     at every step (then N = T * B, the padded batch time-major; shapes static, as XLA needs).
     Returns packed ``hs`` (N, U), ``ctxs`` (N, C, or 0 wide without attention), ``alphas``
     (N, L). Gradients reach ``gx``, the initial states, ``f``, ``keys`` and the fused weights
@@ -82,6 +83,7 @@ def recurrent_scan(decoder, gx, states, f, keys, w, counts=None):
     # Every input as a tensor (custom_gradient must see no variables); the gradient returns one each.
     args = [tf.convert_to_tensor(x) for x in (gx, *states, f, keys, *(w[n] for n in names))]
     batch = tf.shape(args[1])[0]
+    counts = None if packing is None else packing.counts
     if counts is None:
         steps = tf.shape(gx)[0] // batch
         size, offset = (lambda t: batch), (lambda t: t * batch)
@@ -185,11 +187,10 @@ def recurrent_scan(decoder, gx, states, f, keys, w, counts=None):
                 if counts is None:
                     a_t, d_cu_t = (tf.reshape(x, [steps, batch, -1]) for x in (alphas, d_cu))  # (T, B, .)
                 else:
-                    step_of = tf.repeat(tf.range(steps), counts)  # (N,)
-                    row = tf.range(tf.shape(d_e)[0]) - tf.repeat(offsets, counts)  # (N,) row within its step
-                    idx = tf.stack([step_of, row], axis=1)  # (N, 2)
-                    a_t = tf.scatter_nd(idx, alphas, tf.stack([steps, batch, tf.shape(alphas)[1]]))
-                    d_cu_t = tf.scatter_nd(idx, d_cu, tf.stack([steps, batch, tf.shape(d_cu)[1]]))
+                    a_t, d_cu_t = (
+                        tf.scatter_nd(packing.place, x, tf.stack([steps, batch, tf.shape(x)[1]]))
+                        for x in (alphas, d_cu)
+                    )  # (T, B, .) zero where a row has ended
                 d_f = tf.matmul(tf.transpose(a_t, [1, 2, 0]), tf.transpose(d_cu_t, [1, 0, 2]))  # (B, L, C)
             return (dgx, *d_states0, d_f, d_keys, *(grads[n] for n in names))
 

@@ -187,7 +187,7 @@ class RecurrentDecoder(Decoder):
         emb = tf.gather_nd(emb, pack.index)  # (N, E): the real steps only
         gx = tf.matmul(emb, w["k_word"]) + w["b_in"]  # (N, G)
         *states, f, keys = (tf.gather(x, pack.order) for x in (*states, f, keys))  # longest caption first
-        hs, ctxs, alphas = recurrent_scan(self, gx, tuple(states), f, keys, w, counts=pack.counts)
+        hs, ctxs, alphas = recurrent_scan(self, gx, tuple(states), f, keys, w, packing=pack)
         logits = self._logits(hs, ctxs, emb, out_seed, packed=(pack.index, shape))  # (N, V)
         logits, alphas = (
             tf.scatter_nd(pack.index, x, tf.concat([shape, tf.shape(x)[1:]], 0)) for x in (logits, alphas)
