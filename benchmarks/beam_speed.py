@@ -1,11 +1,13 @@
 """Batched beam search against a per-image loop, on a trained model's real features.
 
-    python -m benchmarks.beam_speed MODEL_DIR FEATURES [--images 1000 --beam 5 --batch 64 --loop-images 100]
+    python -m benchmarks.beam_speed MODEL_DIR FEATURES [--images 1000 --beam 5 --batch 128 --loop-images 100]
 
 Captions ``--images`` images (the features file's first rows) with the evaluate stage's batched
 search, then ``--loop-images`` of them one image at a time (batch 1, the same search), and
 prints captions/s for both, their ratio and how many of the looped captions equal the batched
-ones. Run it with nothing else on the machine.
+ones. Run it with nothing else on the machine. Older checkouts: run this file as a script from
+outside both, ``cd /tmp && PYTHONPATH=OLD_CHECKOUT python NEW_CHECKOUT/benchmarks/beam_speed.py ...``
+(the first line printed names the package timed).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import click  # noqa: E402
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
 @click.option("--images", default=1000, show_default=True)
 @click.option("--beam", default=5, show_default=True)
-@click.option("--batch", default=64, show_default=True)
+@click.option("--batch", default=128, show_default=True)
 @click.option("--max-length", default=20, show_default=True)
 @click.option("--loop-images", default=100, show_default=True)
 def main(model_dir, features, images, beam, batch, max_length, loop_images):
+    import captioning
     from captioning.cli import seed_everything
 
+    print(f"timing {os.path.dirname(os.path.abspath(captioning.__file__))}")
     seed_everything(0)
     from captioning.decode import caption_features
     from captioning.feature_store import FeatureStore

@@ -36,12 +36,12 @@ PRESETS = {
 }
 
 
-def sgemm_gflops(n=2048, repeats=10) -> float:
-    """Best-of-``repeats`` float32 matmul rate through TensorFlow, in GFLOP/s."""
+def sgemm_gflops(n=2048, repeats=10, dtype="float32") -> float:
+    """Best-of-``repeats`` matmul rate through TensorFlow, in GFLOP/s (float32: sgemm)."""
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    a, b = (tf.constant(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    a, b = (tf.cast(rng.standard_normal((n, n), dtype=np.float32), dtype) for _ in range(2))
     tf.matmul(a, b).numpy()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -79,8 +79,29 @@ def peak_rss_gb() -> float:
 @click.option("--max-captions", default=0, help="Train on the first N captions only (0: all).")
 @click.option("--jit", is_flag=True, help="train.jit: XLA-compile the step (compiles count in epoch 1).")
 @click.option("--epochs", default=1, show_default=True, help="Time the last of N epochs (N > 1: compiles left out).")
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "mixed_bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="train.precision; bfloat16 also prints the ratio to the machine's bfloat16 matmul floor.",
+)
 @click.option("--seed", default=42, show_default=True)
-def main(features, captions, preset, kind, attention, in_memory, bucket, read_block, max_captions, jit, epochs, seed):
+def main(
+    features,
+    captions,
+    preset,
+    kind,
+    attention,
+    in_memory,
+    bucket,
+    read_block,
+    max_captions,
+    jit,
+    precision,
+    epochs,
+    seed,
+):
     from captioning.cli import seed_everything
 
     seed_everything(seed)
@@ -93,6 +114,8 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     print(f"timing {os.path.dirname(os.path.abspath(captioning.__file__))}")
     cfg = PRESETS[preset]
     gflops = sgemm_gflops()
+    bf16 = precision != "float32"
+    bf16_before = sgemm_gflops(dtype="bfloat16") if bf16 else 0.0
     store = FeatureStore(features)
     streaming = hasattr(store, "rows") and not in_memory
     notes = [] if hasattr(store, "rows") else ["older code: features in RAM, no bucketing"]
@@ -120,6 +143,7 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
         units=cfg["units"],
         attention_units=cfg["attention_units"],
         dropout=cfg["dropout"],
+        **({"precision": precision} if bf16 else {}),
     )
     wanted = dict(
         batch_size=cfg["batch"],
@@ -142,6 +166,7 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     # rates measured before and after the epochs, and both are printed.
     gflops_before, gflops_after = gflops, sgemm_gflops()
     gflops = (gflops_before + gflops_after) / 2
+    bf16_gflops = (bf16_before + sgemm_gflops(dtype="bfloat16")) / 2 if bf16 else 0.0
     last = state["history"][-1]
     epoch_s = last["seconds"]
     losses = f"epoch {last['epoch']}: train_loss {last['train_loss']:.4f} val_loss {last['val_loss']:.4f}"
@@ -176,12 +201,17 @@ def main(features, captions, preset, kind, attention, in_memory, bucket, read_bl
     )
     mode = ("streamed from disk" if streaming else "in RAM") + (f", bucket {bucket}" if "bucket" in fields else "")
     mode += ", XLA" if jit and "jit" in fields else ""
+    mode += ", mixed_bfloat16" if bf16 else ""
     print(
         f"sgemm {gflops:.0f} GFLOP/s ({gflops_before:.0f} before, {gflops_after:.0f} after) -> floor {floor_s:.1f} s;"
         f" epoch {epoch_s:.1f} s ({mode});"
         f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB; {losses}"
         + (f"; {'; '.join(notes)}" if notes else "")
     )
+    if bf16:  # the same FLOPs at the machine's bfloat16 matmul rate (AMX or a GPU's tensor cores)
+        bf16_floor = flops / (bf16_gflops * 1e9)
+        print(f"bfloat16 matmul {bf16_gflops:.0f} GFLOP/s -> floor {bf16_floor:.1f} s;", end=" ")
+        print(f"ratio {epoch_s / bf16_floor:.2f}x")
 
 
 if __name__ == "__main__":

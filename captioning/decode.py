@@ -4,27 +4,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from .beam import beam_search
+from .beam import Candidates, beam_search
 
 NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
 
 
-def make_step_fn(decoder):
+def make_step_fn(decoder, top_k=None, end_id=None):
     """numpy-facing step for :func:`beam_search` over the decoder's own state (a tuple of arrays).
 
     ``<pad>``, ``<start>`` and ``<unk>`` get log-probability -inf, so beam search can never
     choose them (a caption of real words always beats one that says "<unk>").
+    ``top_k`` (beam size + 1) and ``end_id``: the step returns :class:`Candidates`, each row's
+    ``top_k`` best tokens picked in TensorFlow, instead of the (N, V) log-probs: the search
+    reads nothing else, and numpy then ranks (N, top_k) arrays instead of (N, V).
     """
     import tensorflow as tf
+
+    if top_k is not None and end_id is None:
+        raise ValueError("make_step_fn(top_k=...) needs end_id: the search reads every row's <end> log-prob")
 
     @tf.function(reduce_retracing=True)
     def step(tokens, state):
         log_probs, state, _ = decoder.step(tokens, state)
         banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0)  # (V,)
-        return tf.where(banned > 0, -float("inf"), log_probs), state
+        log_probs = tf.where(banned > 0, -float("inf"), log_probs)  # (N, V)
+        if top_k is None:
+            return log_probs, state
+        best = tf.math.top_k(log_probs, k=tf.minimum(top_k, tf.shape(log_probs)[-1]))  # ties: lower id first
+        return Candidates(best.values, best.indices, log_probs[:, end_id]), state
 
     static = getattr(decoder, "STATIC_STATE", ())
-    held = {}  # static part index -> (the numpy array, its tensor): converted once per batch
+    held = {}  # static part index -> (the numpy array, its tensor): converted once per batch and
+    # again when finished images leave it
 
     def as_tensor(i, s):
         if i not in held or held[i][0] is not s:
@@ -35,8 +46,9 @@ def make_step_fn(decoder):
         fixed = {i % len(state) for i in static}
         inputs = tuple(as_tensor(i, s) if i in fixed else tf.constant(s) for i, s in enumerate(state))
         log_probs, out = step(tf.constant(tokens, tf.int32), inputs)
+        log_probs = Candidates(*(x.numpy() for x in log_probs)) if top_k else log_probs.numpy()
         # The static parts come back as they went in: the same arrays, not copied back and forth.
-        return log_probs.numpy(), tuple(state[i] if i in fixed else s.numpy() for i, s in enumerate(out))
+        return log_probs, tuple(state[i] if i in fixed else s.numpy() for i, s in enumerate(out))
 
     step_fn.static = static  # for beam_search(static=...)
     return step_fn
@@ -56,7 +68,7 @@ def caption_features(
 
     from .batching import prefetch
 
-    step_fn = make_step_fn(decoder)
+    step_fn = make_step_fn(decoder, top_k=beam_size + 1, end_id=vocab.end_id)
     captions, log_probs = [], []
     starts = range(0, len(features), batch_size)
     # ``features`` may be FeatureRows (read from disk): the next batch is read during the search.

@@ -149,7 +149,7 @@ def fine_tune(
     optimizer = keras.optimizers.Adam(settings.learning_rate)
     optimizer.build(decoder.trainable_variables)
     sample = make_sampler(decoder, vocab.start_id, vocab.end_id, settings.max_length)
-    step_fn = make_step_fn(decoder)
+    step_fn = make_step_fn(decoder, top_k=2, end_id=vocab.end_id)  # greedy: beam 1 reads 2 candidates
     train_refs = [[scorer.vector(r) for r in refs] for refs in train.references]  # prepared once
     val_refs = [[val_scorer.vector(r) for r in refs] for refs in val.references]
     L, C = train.features.shape[1:]

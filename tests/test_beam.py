@@ -196,27 +196,152 @@ def test_enough_beams_equal_brute_force_and_beam_never_loses_to_greedy(n_tokens,
         assert all(g <= e[0] + 1e-12 for g, e in zip(got, exact))
 
 
-@pytest.mark.parametrize("decoder", ["gru", "transformer"])
-def test_static_state_is_neither_copied_nor_reordered_and_changes_nothing(decoder):
-    """The image parts of the state (STATIC_STATE) skip the per-step copy and reorder: same captions."""
+@pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer"])
+def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(decoder):
+    """The image parts of the state (STATIC_STATE) go to the step once per item, not per beam, and
+    the step picks each row's best tokens itself (top_k): the same captions and scores as the
+    plain step that repeats every part per row and returns the whole (N, V) log-probs."""
     import keras
 
+    from captioning.beam import Candidates
     from captioning.decode import make_step_fn
     from captioning.decoders import build_decoder
 
     keras.utils.set_random_seed(0)
-    extra = {"attention_units": 4} if decoder == "gru" else {"num_layers": 1, "num_heads": 2}
+    extra = {"attention_units": 4} if decoder != "transformer" else {"num_layers": 1, "num_heads": 2}
     m = build_decoder(decoder, vocab_size=9, feature_dim=6, num_locations=4, embed_dim=4, units=8, **extra)
     m.build()
     feats = np.random.default_rng(0).normal(size=(5, 4, 6)).astype("float32")
-    fast = make_step_fn(m)
-    assert fast.static == m.STATIC_STATE != ()
-
-    def plain(tokens, state):  # the same step, every part copied and reordered
-        return fast(tokens, tuple(np.array(s, copy=True) for s in state))
-
+    plain = make_step_fn(m)
+    assert plain.static == m.STATIC_STATE != ()
     state = tuple(np.asarray(s) for s in m.initial_state(feats))
     for k in (1, 3):
+        fast = make_step_fn(m, top_k=k + 1, end_id=2)
+        assert isinstance(fast(np.ones(5, np.int64), state)[0], Candidates)
         got = beam_search(fast, state, 5, k, 6, 1, 2, static=fast.static)
         want = beam_search(plain, state, 5, k, 6, 1, 2)
         assert got[0] == want[0] and got[2] == want[2]
+
+
+def test_tensorflow_candidates_break_ties_as_numpy_does():
+    """A decoder whose log-probs tie: top_k in the step keeps the lower token ids, as the search's
+    own ranking of the whole row does."""
+    from captioning.beam import candidates
+    from captioning.decode import make_step_fn
+    from captioning.decoders import build_decoder
+
+    m = build_decoder("gru", vocab_size=12, feature_dim=6, num_locations=4, embed_dim=4, units=8, attention_units=4)
+    m.build()
+    kernel, _ = m.out_logits.get_weights()
+    m.out_logits.set_weights([np.zeros_like(kernel), np.array([0, 0, 1, 0, 2, 2, 1, 2, 0, 1, 2, 1], "float32")])
+    state = tuple(np.asarray(s) for s in m.initial_state(np.ones((2, 4, 6), "float32")))
+    tokens = np.array([5, 7])
+    got = make_step_fn(m, top_k=6, end_id=2)(tokens, state)[0]
+    want = candidates(make_step_fn(m)(tokens, state)[0], 6, end_id=2)
+    assert got.tokens.tolist() == want.tokens.tolist() == [[4, 5, 7, 10, 2, 6]] * 2
+    np.testing.assert_array_equal(got.log_probs, want.log_probs)
+    np.testing.assert_array_equal(got.end, want.end)
+
+
+# ---- candidates and compaction: the same search as ranking the whole vocabulary ---------------
+
+
+def empty_prefixes(n):
+    """An object array of n empty tuples (random_model's state: each row's prefix)."""
+    holder = np.empty(n, dtype=object)
+    holder[:] = [()] * n
+    return holder
+
+
+def full_vocabulary_search(step_fn, items, beam, max_length, start, end, alpha):
+    """The search written the textbook way, as a reference: every beam's whole (V,) log-probs
+    ranked at every step, every item in every step, no candidates, no compaction."""
+    K, T = beam, max_length
+    G = K + 1 if K > 1 else 1
+    state = (np.repeat(np.arange(items), G), empty_prefixes(items * G))
+    tokens, seqs = np.full((items, G), start), np.zeros((items, G, 0), dtype=np.int64)
+    scores = np.full((items, G), -np.inf)
+    scores[:, 0] = scores[:, G - 1] = 0.0
+    best = [(-np.inf, None, None)] * items
+
+    def finish(b, raw, seq, t):
+        norm = raw / t**alpha if alpha else raw
+        if norm > best[b][0]:
+            best[b] = (norm, seq.tolist(), raw)
+
+    for t in range(1, T + 2):
+        log_probs, state = step_fn(tokens.reshape(-1), state)
+        V = log_probs.shape[1]
+        cand = scores[:, :, None] + log_probs.reshape(items, G, V)
+        g_tok = cand[:, G - 1].argmax(1) if t <= T else np.full(items, end)
+        g_score = cand[np.arange(items), G - 1, g_tok]
+        if G > K:
+            for b in np.flatnonzero((g_tok == end) & np.isfinite(g_score)):
+                finish(b, g_score[b], seqs[b, G - 1], t)
+        flat = cand[:, :K].reshape(items, K * V)
+        order = np.argsort(-flat, axis=1, kind="stable")  # best first, ties by (beam, token)
+        for b in range(items):
+            for j in order[b, : K if t <= T else K * V]:
+                if j % V == end and np.isfinite(flat[b, j]):
+                    finish(b, flat[b, j], seqs[b, j // V], t)
+        if t == T + 1:
+            break
+        flat[:, end::V] = -np.inf
+        top = np.argsort(-flat, axis=1, kind="stable")[:, :K]
+        parents, words, new = top // V, top % V, np.take_along_axis(flat, top, 1)
+        if G > K:
+            parents = np.concatenate([parents, np.full((items, 1), K)], 1)
+            words = np.concatenate([words, g_tok[:, None]], 1)
+            new = np.concatenate([new, np.where(g_tok == end, -np.inf, g_score)[:, None]], 1)
+        scores, tokens = new, words
+        seqs = np.concatenate([np.take_along_axis(seqs, parents[:, :, None], 1), tokens[:, :, None]], 2)
+        bound = scores.max(1) / (T + 1) ** alpha if alpha else scores.max(1)
+        done = np.array([b[0] for b in best]) >= bound
+        if done.all():
+            break
+        scores[done] = -np.inf
+        keep = (np.arange(items)[:, None] * G + parents).reshape(-1)
+        state = tuple(s[keep] for s in state)
+    return [b[1] for b in best], [b[0] for b in best], [b[2] for b in best]
+
+
+def tied_model(n_tokens, seed, end=0):
+    """A step function over prefixes with coarse probabilities (0.1 steps): many exact ties."""
+    step_fn, _ = random_model(n_tokens, seed, end)
+
+    def tied(tokens, state):
+        out, state = step_fn(tokens, state)
+        p = np.round(np.exp(out), 1) + 0.05  # quantised: equal log-probs are common
+        return np.log(p / p.sum(1, keepdims=True)), state
+
+    return tied
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("beam", [1, 2, 3, 5])
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_candidates_and_compaction_choose_what_ranking_the_whole_vocabulary_chooses(seed, beam, alpha):
+    """Each row's beam + 1 best tokens, items leaving the batch when done: the textbook result,
+    ties included (a wrong tie order or a missed candidate changes the chosen captions)."""
+    items, calls = 6, []
+    tied = tied_model(8, seed)
+
+    def step_fn(tokens, state):
+        calls.append(len(tokens))
+        return tied(tokens, state)
+
+    got = beam_search(step_fn, (np.arange(items), empty_prefixes(items)), items, beam, 6, -1, 0, alpha)
+    want = full_vocabulary_search(tied, items, beam, 6, -1, 0, alpha)
+    assert got[0] == want[0] and got[1] == want[1] and got[2] == want[2]
+    assert calls == sorted(calls, reverse=True) and calls[-1] < calls[0]  # done items left the batch
+
+
+def test_candidates_keep_each_rows_best_tokens_lowest_id_first_on_ties():
+    from captioning.beam import candidates
+
+    lp = np.log(np.array([[0.1, 0.3, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.24, 0.01]]))
+    got = candidates(lp, 3, end_id=4)
+    assert got.tokens.tolist() == [[1, 2, 3], [0, 1, 2]]
+    np.testing.assert_array_equal(got.log_probs, np.take_along_axis(lp, got.tokens, 1))
+    np.testing.assert_array_equal(got.end, lp[:, 4])
+    assert candidates(lp, 9, end_id=4).tokens.shape == (2, 5)  # no more than V

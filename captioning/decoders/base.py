@@ -12,8 +12,11 @@ The contract that training, beam search and captioning use, and nothing else:
 - ``extra_loss(aux, mask (B, T))``: the decoder's own training term (0 if it has none), weighted
   by ``train.attention_reg``;
 - ``settings()``: the constructor arguments, saved beside the weights to rebuild it exactly;
-- ``STATIC_STATE``: indices of the state parts ``step`` passes through unchanged (the image):
-  beam search then never copies or reorders them (optional; a speed-up, not a contract).
+- ``STATIC_STATE``: indices of the state parts ``step`` passes through unchanged (the image).
+  ``step`` must accept them with one row per image for N = images * R rows, rows
+  ``b * R ... b * R + R - 1`` reading image b: beam search passes each image once for its
+  beams instead of repeating, copying and reordering it every step. (Optional: a decoder
+  without it gets every part repeated per row.)
 
 Dropout is stateless and seeded from ``(seed, step)``, so a resumed run draws exactly the masks
 an uninterrupted one would; every dropout site gets its own stream (:func:`dropout_seeds`).

@@ -128,31 +128,37 @@ class RecurrentDecoder(Decoder):
         return {k: None if v is None else tf.cast(v, self.compute_dtype) for k, v in w.items()}
 
     def _recur(self, gx_word, states, f, keys, w, keep=False):
-        """One step: gx_word (B, G) (the word's input projection) -> states', ctx (B, C or 0), alpha (B, L).
+        """One step: gx_word (N, G) (the word's input projection) -> states', ctx (N, C or 0), alpha (N, L).
 
+        ``f`` (B, L, C) and ``keys`` (B, L, A) hold one row per image, N = B * R: rows
+        ``b * R ... b * R + R - 1`` look at image b (beam search's beams; R = 1 in training).
         ``keep``: also return what the hand-written backward pass (bptt.py) needs: the
-        attention's (gate (B, 1), tanh (B, L, A), ungated context (B, C)) and the cell's cache.
+        attention's (gate (N, 1), tanh (N, L, A), ungated context (N, C)) and the cell's cache.
         """
-        hw = tf.matmul(states[0], w["w_h"])  # (B, G [+ A + 1]): all that reads h, in one product
+        hw = tf.matmul(states[0], w["w_h"])  # (N, G [+ A + 1]): all that reads h, in one product
         g = w["k_word"].shape[-1]
         # tf.split, not slicing: its gradient is one concat, a slice's is a zero-padded copy per piece
         parts = tf.split(hw, [g, self.attention_units, 1], axis=1) if self.attention else [hw]
         gh = parts[0] if w["b_rec"] is None else parts[0] + w["b_rec"]
+        L, A = self.num_locations, self.attention_units
         if self.attention:
-            q = parts[1]  # (B, A) the attention query
-            gate = tf.sigmoid(parts[2] + w["b_gate"])  # (B, 1) SAT's beta
-            x = tf.tanh(keys + q[:, None, :])  # (B, L, A)
+            images = tf.shape(keys)[0]
+            q = tf.reshape(parts[1], [images, -1, 1, A])  # (B, R, 1, A) the attention query
+            gate = tf.sigmoid(parts[2] + w["b_gate"])  # (N, 1) SAT's beta
+            # Each image's keys are read once for its R rows, not copied per row.
+            x = tf.reshape(tf.tanh(keys[:, None] + q), [-1, L, A])  # (N, L, A)
             # Dense's product, written as one 2-D matmul: the same numbers, and no shape-
             # dependent transpose in its gradient (which XLA cannot compile inside the loop).
-            e = tf.reshape(tf.matmul(tf.reshape(x, [-1, self.attention_units]), w["k_score"]), tf.shape(x)[:2])
-            e = e + w["b_score"]  # (B, L)
+            e = tf.reshape(tf.matmul(tf.reshape(x, [-1, A]), w["k_score"]), [-1, L])
+            e = e + w["b_score"]  # (N, L)
             alpha = tf.nn.softmax(e, axis=-1)
-            cu = tf.squeeze(tf.matmul(alpha[:, None, :], f), 1)  # (B, C) the context before the gate
-            ctx = gate * cu
-            gx = gx_word + tf.matmul(ctx, w["k_ctx"])  # (B, G)
+            cu = tf.reshape(tf.matmul(tf.reshape(alpha, [images, -1, L]), f), [-1, self.feature_dim])  # (N, C)
+            ctx = gate * cu  # the context, gated
+            gx = gx_word + tf.matmul(ctx, w["k_ctx"])  # (N, G)
             saved = (gate, x, cu)
         else:
-            ctx, alpha, gx, saved = tf.zeros_like(gx_word[:, :0]), tf.zeros_like(f[:, :, 0]), gx_word, ()
+            ctx, gx, saved = tf.zeros_like(gx_word[:, :0]), gx_word, ()
+            alpha = tf.zeros(tf.stack([tf.shape(gx_word)[0], L]), gx_word.dtype)
         new_states, cell_cache = self.gates_cache(gx, gh, states)
         return (new_states, ctx, alpha, saved, cell_cache) if keep else (new_states, ctx, alpha)
 
@@ -199,7 +205,8 @@ class RecurrentDecoder(Decoder):
 
     # ---- one decoding step (beam search) ---------------------------------------------------
     def step(self, tokens, state):
-        """tokens (N,), state -> log-probs (N, V), state', alpha (N, L)."""
+        """tokens (N,), state -> log-probs (N, V), state', alpha (N, L); ``f`` and ``keys`` may
+        hold one row per image for N = images * R rows (see _recur)."""
         *states, f, keys = state
         emb = self.embed(tokens)  # (N, E)
         w = self._fused()

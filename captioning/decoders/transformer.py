@@ -108,8 +108,10 @@ class TransformerDecoder(Decoder):
         return logits, {"attention": maps[-1], "layer_attention": tf.stack(maps, axis=1)}  # (B, T, L), (B, N, T, L)
 
     def step(self, tokens, state):
-        """tokens (N,), (memory, tokens so far (N, t)) -> log-probs (N, V), state', attention (N, L)."""
+        """tokens (N,), (memory (B, L, D), tokens so far (N, t)) -> log-probs (N, V), state',
+        attention (N, L); N = B * R, rows ``b * R ... b * R + R - 1`` reading image b."""
         memory, seen = state
         seen = tf.concat([seen, tf.cast(tokens, tf.int32)[:, None]], axis=1)  # (N, t + 1)
-        logits, maps = self._decode(memory, seen)
+        rows = tf.shape(seen)[0] // tf.shape(memory)[0]
+        logits, maps = self._decode(tf.repeat(memory, rows, axis=0), seen)  # attention wants a row each
         return tf.nn.log_softmax(logits[:, -1], axis=-1), (memory, seen), maps[-1][:, -1]
