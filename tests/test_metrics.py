@@ -7,13 +7,26 @@ from captioning.metrics import CORENLP_JARS, coco_scores, spice_available
 REFS = {"1": ["a small red circle", "a red circle"], "2": ["a large blue square to the left of a green circle"]}
 
 
-def test_identical_hypotheses_score_perfectly():
-    hyps = {"1": "a small red circle", "2": "a large blue square to the left of a green circle"}
-    s = coco_scores(REFS, hyps, use_spice=False)
+RIGHT = {"1": "a small red circle", "2": "a large blue square to the left of a green circle"}
+HALF_WRONG = {"1": "a small red circle", "2": "a man rides a horse"}
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """Each scoring starts Java twice (tokenizer, METEOR): the cases share two runs."""
+    return {
+        name: coco_scores(REFS, hyps, use_spice=False, per_image=True)
+        for name, hyps in [("right", RIGHT), ("half", HALF_WRONG)]
+    }
+
+
+def test_identical_hypotheses_score_perfectly(scored):
+    s, images = scored["right"]
     for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
         assert s[k] == pytest.approx(1.0, abs=1e-6), k
     assert s["METEOR"] > 0.95
     assert set(s) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert all(images[i]["BLEU-4"] == pytest.approx(1.0, abs=1e-6) for i in RIGHT)
 
 
 def test_known_bleu_and_rouge_values():
@@ -24,9 +37,8 @@ def test_known_bleu_and_rouge_values():
     assert s["ROUGE-L"] == pytest.approx(2 / 3, abs=1e-6)  # LCS 2 of 3 both ways (beta 1.2, P = R)
 
 
-def test_per_image_scores_are_the_scorers_own():
-    hyps = {"1": "a small red circle", "2": "a man rides a horse"}
-    scores, images = coco_scores(REFS, hyps, use_spice=False, per_image=True)
+def test_per_image_scores_are_the_scorers_own(scored):
+    scores, images = scored["half"]
     assert set(images) == {"1", "2"} and set(images["1"]) == {"BLEU-4", "CIDEr"}
     assert images["1"]["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and images["2"]["BLEU-4"] < 1e-3
     assert images["1"]["CIDEr"] > images["2"]["CIDEr"] == pytest.approx(0.0, abs=1e-9)
@@ -34,11 +46,10 @@ def test_per_image_scores_are_the_scorers_own():
     assert scores["CIDEr"] == pytest.approx((images["1"]["CIDEr"] + images["2"]["CIDEr"]) / 2, abs=1e-5)
 
 
-def test_wrong_captions_score_lower():
-    good = coco_scores(REFS, {"1": "a small red circle", "2": "a large blue square"}, use_spice=False)
-    bad = coco_scores(REFS, {"1": "two dogs run", "2": "a man rides a horse"}, use_spice=False)
-    for k in good:
-        assert good[k] > bad[k], k
+def test_wrong_captions_score_lower(scored):
+    right, half = scored["right"][0], scored["half"][0]
+    for k in right:
+        assert right[k] > half[k], k
 
 
 def test_spice_availability_in_both_worlds(tmp_path):

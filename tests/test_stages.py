@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import run_pipeline
 
 from captioning.metrics import coco_scores, spice_available
 from captioning.shapes import scene_accuracy
 from stages import caption, evaluate, train
 
 
-@pytest.fixture
-def pipeline(tmp_path, tiny_params, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path, run_pipeline(tmp_path, tiny_params[0])
-
-
-def test_stages_end_to_end(pipeline):
-    root, outs = pipeline
+def test_stages_end_to_end(tiny_run):
+    root, outs = tiny_run  # every stage, run once per session (conftest.py)
     for name, out in outs.items():
         assert out.strip().splitlines()[-1].startswith(name if name != "gen" else "generate"), out
     assert len(list((root / "data/shapes/images").glob("*.png"))) == 24
@@ -72,12 +65,12 @@ def test_stages_end_to_end(pipeline):
     assert state["complete"] and state["epoch"] == 2
 
 
-def test_caption_cli(pipeline):
-    root, _ = pipeline
+def test_caption_cli(tiny_run, tmp_path):
+    root, _ = tiny_run
     imgs = sorted((root / "data/shapes/images").glob("*.png"))[:2]
-    (root / "broken.jpg").write_text("not an image")
-    args = ["--model", "models_final", "--json"]
-    result = CliRunner().invoke(caption.main, args + [str(imgs[0]), str(root / "broken.jpg"), str(imgs[1])])
+    (tmp_path / "broken.jpg").write_text("not an image")
+    args = ["--model", str(root / "models_final"), "--json"]
+    result = CliRunner().invoke(caption.main, args + [str(imgs[0]), str(tmp_path / "broken.jpg"), str(imgs[1])])
     assert result.exit_code == 1  # one image failed
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(imgs[0]), str(imgs[1])]
@@ -87,9 +80,9 @@ def test_caption_cli(pipeline):
     assert ok.exit_code == 0 and ok.stdout.startswith(str(imgs[0]) + "\t")
 
 
-def test_caption_features_match_the_stored_ones(pipeline):
+def test_caption_features_match_the_stored_ones(tiny_run):
     """The caption command rebuilds the very encoder (random init from seed) the features came from."""
-    root, _ = pipeline
+    root, _ = tiny_run
     from captioning.encoder import build_encoder, make_forward
     from captioning.feature_store import EncoderSpec, FeatureStore
     from captioning.images import load_image
