@@ -239,6 +239,8 @@ def test_tensorflow_candidates_break_ties_as_numpy_does():
     got = make_step_fn(m, top_k=6, end_id=2)(tokens, state)[0]
     want = candidates(make_step_fn(m)(tokens, state)[0], 6, end_id=2)
     assert got.tokens.tolist() == want.tokens.tolist() == [[4, 5, 7, 10, 2, 6]] * 2
+    with pytest.raises(ValueError, match="end_id"):  # the search needs every row's <end> log-prob
+        make_step_fn(m, top_k=6)
     np.testing.assert_array_equal(got.log_probs, want.log_probs)
     np.testing.assert_array_equal(got.end, want.end)
 
