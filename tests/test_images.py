@@ -102,3 +102,42 @@ def test_unreadable_images_raise_image_error(make, name):
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="file not found"):
         load_image(tmp_path / "nope.jpg", 16)
+
+
+def _photo(w, h):
+    """A smooth colour photo stand-in: gradients plus a few soft blobs."""
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x + 4 * y)], -1) * 255
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pil(make, orientation):
+    """The libjpeg-turbo path turns photos as PIL's exif_transpose does (the short side is the
+    target size: no scaled decoding, so the same pixels)."""
+    from PIL import ImageOps
+
+    def build(p):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        _photo(224, 160).save(p, quality=95, exif=exif)
+
+    path = make(f"o{orientation}.jpg", build)
+    with Image.open(path) as img:
+        ref = ImageOps.exif_transpose(img).convert("RGB").resize((160, 160), Image.BILINEAR)
+    assert np.array_equal(load_image(path, 160, np.uint8), np.asarray(ref))
+
+
+def test_scaled_jpeg_decoding_matches_the_full_decode(make):
+    """A 500x375 photo decodes at 5/8 scale (PIL would decode it whole): the result is within a
+    few grey levels of the full decode, resized."""
+    path = make("flickr.jpg", lambda p: _photo(500, 375).save(p, quality=90))
+    with Image.open(path) as img:
+        full = np.asarray(img.convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)
+    ours = load_image(path, 224)
+    assert np.abs(ours - full).mean() < 1.0 and np.abs(ours - full).max() < 16
+
+
+def test_grayscale_jpeg_has_equal_channels(make):
+    arr = load_image(make("g.jpg", lambda p: _photo(300, 200).convert("L").save(p)), 32, np.uint8)
+    assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
