@@ -9,10 +9,10 @@ For each size N, in WORKDIR/N (about 0.2 MB of disk per image: 6 GB for 30,000):
    init) cut at ``conv_pw_11_relu``: 14x14x512 float16 rows, the shape and size of VGG16's
    ``block5_conv3`` map at 224 px (the design card's encoder) at a fraction of its cost;
 2. **captions**: 5 generated captions per image (8-20 words over 2,000 word ids);
-3. **train**: one epoch of ``captioning.train.fit`` (GRU-512 + attention, batch 64) on
+3. **train**: one epoch of ``captioning.train.fit`` (GRU-512 + attention, batch 64, no length buckets) on
    ``--train-captions`` captions drawn from all N images, features streamed from the file;
    for the smallest N also with the split loaded into RAM (the old way), for the ratio;
-4. **evaluate**: beam search (beam 3) over ``--eval-images`` images spread over the file.
+4. **evaluate**: beam search (beam 3, 128 images at a time) over ``--eval-images`` images spread over the file.
 
 Each step runs in its own process, so its peak RSS (``ru_maxrss``) is its own. Prints one
 table: images, file size, peak RSS per step, images/s and captions/s.
@@ -122,7 +122,7 @@ def step_train(work: Path, limit: int, in_memory: bool):
     model = build_decoder(
         "gru", vocab_size=VOCAB, feature_dim=store.feature_dim, num_locations=store.num_locations, **DECODER
     )
-    settings = FitSettings(batch_size=64, epochs=1, patience=1, bucket=16, seed=0)
+    settings = FitSettings(batch_size=64, epochs=1, patience=1, bucket=0, seed=0)  # params.yaml defaults
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         state = fit(model, *sets, settings, Path(tmp) / "ckpt", progress=False, log=lambda m: None)
@@ -151,7 +151,7 @@ def step_evaluate(work: Path, limit: int):
     model.build()
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(4, VOCAB)])
     t0 = time.perf_counter()
-    caps, _ = caption_features(model, vocab, feats, beam_size=3, max_length=16, batch_size=64)
+    caps, _ = caption_features(model, vocab, feats, beam_size=3, max_length=16, batch_size=128)  # evaluate default
     return {"captions_per_s": len(caps) / (time.perf_counter() - t0)}
 
 

@@ -5,10 +5,10 @@ palette and alpha images. Colour and grayscale JPEGs, nearly every photo, are de
 libjpeg-turbo through simplejpeg instead, at the smallest of its 1/8 ... 8/8 scales that still
 covers the target size: a 500x375 Flickr photo decodes at 5/8 (313x235), where PIL's ``draft``
 only knows 1/2, 1/4 and 1/8 and so decodes it whole, and the resize then starts from 40% of
-the pixels. That halved the decoding cost of such photos (2.0-2.4 ms -> 1.6 ms of CPU here),
-and the CNN shares its cores with the decoding. A 12000x9000 photo decodes at 1/8 either way.
-Photos are turned upright by their EXIF orientation (phones store them sideways and set the
-tag), and transparent pixels are laid on white (as a viewer shows them), not on black.
+the pixels: 1.5-1.7 ms of CPU per such photo here against 2.0-2.4 ms, on cores the CNN
+shares. A 12000x9000 photo decodes at 1/8 either way. Photos are turned upright by their EXIF
+orientation (phones store them sideways and set the tag), and transparent pixels are laid on
+white (as a viewer shows them), not on black.
 """
 
 from __future__ import annotations
