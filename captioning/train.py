@@ -315,10 +315,13 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
     sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
     vec, scalar = tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.float32)
 
-    def lengths(targets):
-        """(B,) each caption's real steps: the decoder may skip the rest (packed sequences);
-        not under XLA, which needs shapes fixed when it compiles."""
-        return None if settings.jit else tf.reduce_sum(tf.cast(targets > 0, tf.int32), axis=1)
+    def forward(feats, inputs, targets, seed=None):
+        """Logits of the real steps only, packed (N, V) at ``aux["index"]`` (padding is neither
+        computed nor scored); under XLA, which needs shapes fixed when it compiles, (B, T, V)."""
+        if settings.jit:
+            return model.forward(feats, inputs, seed)
+        lengths = tf.reduce_sum(tf.cast(targets > 0, tf.int32), axis=1)  # (B,) each caption's real steps
+        return model.forward(feats, inputs, seed, lengths=lengths, packed=True)
 
     def loss_and_gradients(feats, tokens, rows, seed, norm):
         """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
@@ -328,8 +331,8 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
             # Masks drawn for all replicas' rows (padding included: a size known when compiling)
             # and cut at this replica's; row i's mask is the same for any padded size (tested).
             padded = tf.shape(tokens)[0] * replicas
-            logits, aux = model.forward(feats, inputs, RowSeed(seed, rows[0], padded), lengths=lengths(targets))
-            ce_sum, count = masked_cross_entropy_sum(logits, targets)
+            logits, aux = forward(feats, inputs, targets, RowSeed(seed, rows[0], padded))
+            ce_sum, count = masked_cross_entropy_sum(logits, targets, aux.get("index"))
             loss = ce_sum / norm
             if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
                 share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows
@@ -340,8 +343,8 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
 
     def val_loss_sum(feats, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, _ = model.forward(feats, inputs, lengths=lengths(targets))
-        return masked_cross_entropy_sum(logits, targets)
+        logits, aux = forward(feats, inputs, targets)
+        return masked_cross_entropy_sum(logits, targets, aux.get("index"))
 
     # train.jit: XLA fuses the many small element-wise ops of a step into few kernels.
     compiled = (lambda fn: tf.function(fn, jit_compile=True, autograph=False)) if settings.jit else (lambda fn: fn)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from captioning.decoders import DECODERS, build_decoder
-from captioning.decoders.base import coverage_term, masked_cross_entropy
+from captioning.decoders.base import coverage_term, masked_cross_entropy, masked_cross_entropy_sum
 
 VARIANTS = {  # name -> (decoder, settings)
     "gru": ("gru", {"attention": True, "attention_units": 3}),
@@ -232,3 +232,35 @@ def test_the_registry_builds_every_decoder():
     assert set(DECODERS) == {"gru", "lstm", "transformer"}
     for variant in VARIANTS:
         assert tiny(variant).count_params() > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_logits_are_the_real_steps(variant):
+    """``packed=True``: the real steps' logits, row for row those of the (B, T, V) output at
+    ``aux["index"]``, and the same loss and gradients as the masked loss over the padded batch."""
+    m = tiny(variant)
+    lengths = [3, 0, 5, 1]  # an empty caption (a replica's padding row) and one running all T steps
+    rng = np.random.default_rng(2)
+    feats = tf.constant(rng.normal(size=(4, 4, 6)).astype("float32"))
+    targets = tf.constant(rng.integers(1, 11, (4, 5)) * (np.arange(5)[None] < np.array(lengths)[:, None]), tf.int32)
+    tokens_in = tf.constant(rng.integers(1, 11, (4, 5)), tf.int32)
+
+    def loss(packed):
+        with tf.GradientTape() as tape:
+            logits, aux = m.forward(feats, tokens_in, lengths=tf.constant(lengths), packed=packed)
+            ce, count = masked_cross_entropy_sum(logits, targets, aux.get("index"))
+        return logits, aux, ce, count, tape.gradient(ce, m.trainable_variables)
+
+    full, _, ce, count, grads = loss(False)
+    packed, aux, ce_p, count_p, grads_p = loss(True)
+    index = aux["index"].numpy()
+    assert packed.shape == (sum(lengths), 11) and sorted(map(tuple, index)) == sorted(
+        (b, t) for b, n in enumerate(lengths) for t in range(n)
+    )
+    np.testing.assert_allclose(packed.numpy(), tf.gather_nd(full, index).numpy(), atol=1e-6)
+    assert count_p == count == sum(lengths)
+    np.testing.assert_allclose(ce_p, ce, rtol=1e-6)
+    for g, g_p in zip(grads, grads_p):
+        np.testing.assert_allclose(tf.convert_to_tensor(g_p), tf.convert_to_tensor(g), atol=1e-6)
+    with pytest.raises(ValueError, match="need lengths"):
+        m.forward(feats, tokens_in, packed=True)

@@ -5,10 +5,13 @@ The contract that training, beam search and captioning use, and nothing else:
 - ``initial_state(features (B, L, C)) -> state``: a tuple of tensors whose first axis is B
   (beam search repeats and reorders rows without knowing what they hold);
 - ``step(tokens (N,), state) -> (log_probs (N, V), state', attention (N, L))``;
-- ``forward(features, tokens_in (B, T), dropout_seed=None, lengths=None) -> (logits (B, T, V), aux)``
-  for teacher forcing, ``aux["attention"]`` (B, T, L) where the image was looked at; with
+- ``forward(features, tokens_in (B, T), dropout_seed=None, lengths=None, packed=False)
+  -> (logits (B, T, V), aux)`` for teacher forcing, ``aux["attention"]`` (B, T, L) where the
+  image was looked at; with
   ``lengths`` (B,) the steps past a row's length may be skipped (their outputs are then zeros;
-  training passes the real target counts, so padding costs nothing);
+  training passes the real target counts, so padding costs nothing); ``packed=True`` (with
+  ``lengths``) returns only the real steps' logits, (N, V), with ``aux["index"]`` (N, 2) their
+  (row, step) positions, so the loss skips the padding too (:func:`masked_cross_entropy_sum`);
 - ``extra_loss(aux, mask (B, T))``: the decoder's own training term (0 if it has none), weighted
   by ``train.attention_reg``;
 - ``settings()``: the constructor arguments, saved beside the weights to rebuild it exactly;
@@ -82,10 +85,17 @@ def dropout(x, rate, seed, packed=None):
     return tf.where(keep, x * tf.constant(1 / (1 - rate), x.dtype), tf.zeros((), x.dtype))
 
 
-def masked_cross_entropy_sum(logits, targets):
+def masked_cross_entropy_sum(logits, targets, index=None):
     """``(summed cross-entropy, count)`` over the real tokens (targets > 0; 0 is <pad>), in float32
-    whatever the logits' dtype (mixed precision)."""
+    whatever the logits' dtype (mixed precision).
+
+    ``index`` (N, 2): ``logits`` (N, V) are packed, the (row, step) positions of the real tokens
+    (a forward pass's ``aux["index"]``); else (B, T, V) like ``targets`` (B, T).
+    """
     logits = tf.cast(logits, tf.float32)
+    if index is not None:  # every row is a real token: no mask, no padding rows in the softmax
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.gather_nd(targets, index), logits=logits)
+        return tf.reduce_sum(ce), tf.cast(tf.shape(ce)[0], tf.float32)
     mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
     return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)

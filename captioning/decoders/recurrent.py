@@ -108,6 +108,9 @@ class RecurrentDecoder(Decoder):
         if not self.cell.built:  # the cell's input: the word embedding [+ the context]
             self.cell.build((None, self.embed_dim + (self.feature_dim if self.attention else 0)))
         kernel, w_h = self.cell.kernel, [self.cell.recurrent_kernel]  # (E [+ C], G), (U, G)
+        # tf.split, not slicing: its gradient is one concat; two slices' are two zero-padded
+        # kernel-sized copies and their sum.
+        k_word, k_ctx = tf.split(kernel, [self.embed_dim, kernel.shape[0] - self.embed_dim], axis=0)
         if self.attention:
             for layer in (self.att_query, self.att_gate):
                 if not layer.built:
@@ -117,8 +120,8 @@ class RecurrentDecoder(Decoder):
             w_h += [self.att_query.kernel, self.att_gate.kernel]  # (U, A), (U, 1)
         w = {
             "w_h": tf.concat(w_h, axis=1),  # (U, G [+ A + 1])
-            "k_word": kernel[: self.embed_dim],  # (E, G)
-            "k_ctx": kernel[self.embed_dim :],  # (C, G) or (0, G)
+            "k_word": k_word,  # (E, G)
+            "k_ctx": k_ctx,  # (C, G) or (0, G)
             "b_in": self.input_bias(),  # (G,)
             "b_rec": self.recurrent_bias(),  # (G,) or None
         }
@@ -167,16 +170,24 @@ class RecurrentDecoder(Decoder):
         return self.out_logits(z)
 
     # ---- teacher-forced training -----------------------------------------------------------
-    def forward(self, features, tokens_in, dropout_seed=None, lengths=None):
+    def forward(self, features, tokens_in, dropout_seed=None, lengths=None, packed=False):
         """features (B, L, C), tokens_in (B, T) -> logits (B, T, V), {"attention": (B, T, L)}.
 
         ``dropout_seed``: int32 (2,) tensor turns dropout on (training); None turns it off.
         ``lengths`` (B,): only each row's first ``lengths`` steps are computed (packed, see
         bptt.py); logits and attention past them are zeros. The rest equal the unpacked run's.
+        ``packed`` (with ``lengths``): logits (N, V) of the real steps only, at ``aux["index"]``.
         """
+        if packed and lengths is None:
+            raise ValueError("packed logits need lengths")
         emb_seed = out_seed = None
         if dropout_seed is not None and self.dropout > 0:
             emb_seed, out_seed = dropout_seeds(dropout_seed)
+        if lengths is not None:  # packed rows: longest caption first (see bptt.Packing)
+            pack = Packing.of(lengths, tf.shape(tokens_in)[1])
+            # Sort the input features, not the states and keys made from them: the input needs no
+            # gradient, where a gather of those would add a (B, L, C) scatter to the backward pass.
+            features = tf.gather(features, pack.order)
         *states, f, keys = self.initial_state(features)
         emb = dropout(self.embed(tokens_in), self.dropout, emb_seed)  # (B, T, E)
         w = self._fused()
@@ -189,16 +200,14 @@ class RecurrentDecoder(Decoder):
             )  # (B, T, .)
             return self._logits(hs, ctxs, emb, out_seed), {"attention": alphas}
         shape = tf.shape(tokens_in)  # (2,) B, T
-        pack = Packing.of(lengths, shape[1])
         emb = tf.gather_nd(emb, pack.index)  # (N, E): the real steps only
         gx = tf.matmul(emb, w["k_word"]) + w["b_in"]  # (N, G)
-        *states, f, keys = (tf.gather(x, pack.order) for x in (*states, f, keys))  # longest caption first
         hs, ctxs, alphas = recurrent_scan(self, gx, tuple(states), f, keys, w, packing=pack)
         logits = self._logits(hs, ctxs, emb, out_seed, packed=(pack.index, shape))  # (N, V)
-        logits, alphas = (
-            tf.scatter_nd(pack.index, x, tf.concat([shape, tf.shape(x)[1:]], 0)) for x in (logits, alphas)
-        )
-        return logits, {"attention": alphas}  # (B, T, V), (B, T, L)
+        unpack = lambda x: tf.scatter_nd(pack.index, x, tf.concat([shape, tf.shape(x)[1:]], 0))  # noqa: E731
+        if packed:
+            return logits, {"attention": unpack(alphas), "index": pack.index}  # (N, V), (B, T, L)
+        return unpack(logits), {"attention": unpack(alphas)}  # (B, T, V), (B, T, L)
 
     def extra_loss(self, aux, mask):
         return coverage_term(aux["attention"], mask) if self.attention else tf.constant(0.0)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras import layers
 
 from .base import Decoder, dropout, dropout_seeds
+from .bptt import Packing
 
 MAX_POSITIONS = 64  # longest caption (tokens) the position embedding covers
 
@@ -95,17 +96,24 @@ class TransformerDecoder(Decoder):
             x = x + dropout(b["ff_out"](b["ff_in"](b["norm_ff"](x))), self.dropout, next(seeds) if seeds else None)
         return self.out_logits(self.norm_out(x)), maps
 
-    def forward(self, features, tokens_in, dropout_seed=None, lengths=None):
+    def forward(self, features, tokens_in, dropout_seed=None, lengths=None, packed=False):
         """features (B, L, C), tokens_in (B, T) -> logits (B, T, V), aux with the attention maps.
 
         ``lengths``: the contract lets a decoder skip the steps past them; this one computes all
-        (the causal mask already keeps them out of the real steps, and the products are full)."""
+        (the causal mask already keeps them out of the real steps, and the products are full).
+        ``packed`` (with ``lengths``): the real steps' logits only, (N, V) at ``aux["index"]``."""
+        if packed and lengths is None:
+            raise ValueError("packed logits need lengths")
         seeds = None
         if dropout_seed is not None and self.dropout > 0:
             seeds = dropout_seeds(dropout_seed, 1 + 3 * self.num_layers)  # one stream per dropout site
         memory, _ = self.initial_state(features)
         logits, maps = self._decode(memory, tokens_in, seeds)
-        return logits, {"attention": maps[-1], "layer_attention": tf.stack(maps, axis=1)}  # (B, T, L), (B, N, T, L)
+        aux = {"attention": maps[-1], "layer_attention": tf.stack(maps, axis=1)}  # (B, T, L), (B, layers, T, L)
+        if packed:
+            aux["index"] = Packing.of(lengths, tf.shape(tokens_in)[1]).index  # (N, 2)
+            logits = tf.gather_nd(logits, aux["index"])  # (N, V)
+        return logits, aux
 
     def step(self, tokens, state):
         """tokens (N,), (memory (B, L, D), tokens so far (N, t)) -> log-probs (N, V), state',
