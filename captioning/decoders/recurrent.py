@@ -183,8 +183,9 @@ class RecurrentDecoder(Decoder):
         emb_seed = out_seed = None
         if dropout_seed is not None and self.dropout > 0:
             emb_seed, out_seed = dropout_seeds(dropout_seed)
+        shape = tf.shape(tokens_in)  # (2,) B, T
         if lengths is not None:  # packed rows: longest caption first (see bptt.Packing)
-            pack = Packing.of(lengths, tf.shape(tokens_in)[1])
+            pack = Packing.of(lengths, shape[1])
             # Sort the input features, not the states and keys made from them: the input needs no
             # gradient, where a gather of those would add a (B, L, C) scatter to the backward pass.
             features = tf.gather(features, pack.order)
@@ -199,12 +200,14 @@ class RecurrentDecoder(Decoder):
                 tf.transpose(tf.reshape(x, tf.concat([steps_rows, [-1]], 0)), [1, 0, 2]) for x in (hs, ctxs, alphas)
             )  # (B, T, .)
             return self._logits(hs, ctxs, emb, out_seed), {"attention": alphas}
-        shape = tf.shape(tokens_in)  # (2,) B, T
         emb = tf.gather_nd(emb, pack.index)  # (N, E): the real steps only
         gx = tf.matmul(emb, w["k_word"]) + w["b_in"]  # (N, G)
         hs, ctxs, alphas = recurrent_scan(self, gx, tuple(states), f, keys, w, packing=pack)
         logits = self._logits(hs, ctxs, emb, out_seed, packed=(pack.index, shape))  # (N, V)
-        unpack = lambda x: tf.scatter_nd(pack.index, x, tf.concat([shape, tf.shape(x)[1:]], 0))  # noqa: E731
+
+        def unpack(x):  # (N, ...) -> (B, T, ...), zeros past each row's length
+            return tf.scatter_nd(pack.index, x, tf.concat([shape, tf.shape(x)[1:]], 0))
+
         if packed:
             return logits, {"attention": unpack(alphas), "index": pack.index}  # (N, V), (B, T, L)
         return unpack(logits), {"attention": unpack(alphas)}  # (B, T, V), (B, T, L)
