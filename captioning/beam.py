@@ -70,10 +70,16 @@ def _top(values, k):
     return np.argsort(-values, axis=1, kind="stable")[:, :k]
 
 
+def _rows(x, G):
+    """Each row of ``x`` repeated ``G`` times, item-major (an item's rows are adjacent)."""
+    return np.repeat(np.asarray(x), G, axis=0)
+
+
 def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=()):
     """Best caption per item: ``(token-id lists without <start>/<end>, normalised scores, log-probs)``.
 
-    ``state`` has first axis ``batch_size`` (one row per item); it is repeated per beam here.
+    ``state`` has first axis ``batch_size`` (one row per item). The first step runs once per item
+    (every beam starts from the same state and ``<start>``), and its output is then repeated per beam.
     Length normalisation divides a caption's log-probability by ``length**length_penalty``,
     where length counts the ``<end>`` token when one was emitted. Ties go to the caption found
     first. Tokens the step gives ``-inf`` are never chosen.
@@ -90,7 +96,7 @@ def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end
     K, T, alpha = beam_size, max_length, length_penalty
     G = K + 1 if K > 1 else 1  # rows per item: K beams, then the greedy path (beam 1 is greedy)
     fixed = {i % len(state) for i in static}
-    state = tuple(np.asarray(s) if i in fixed else np.repeat(np.asarray(s), G, axis=0) for i, s in enumerate(state))
+    state = tuple(np.asarray(s) for s in state)  # one row per item until the first step is taken
     tokens = np.full((batch_size, G), start_id, dtype=np.int64)
     seqs = np.zeros((batch_size, G, 0), dtype=np.int64)
     scores = np.full((batch_size, G), -np.inf)
@@ -108,7 +114,12 @@ def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end
             best_norm[b], best_raw[b], best_seq[b] = norm, raw, seq.tolist()
 
     for t in range(1, T + 2):  # T word steps, then one step that can only close with <end>
-        out, state = step_fn(tokens.reshape(-1), state)
+        if t == 1:  # an item's rows all start from <start> in the same state: one row each, then copied
+            out, state = step_fn(tokens[:, 0], state)
+            out = Candidates(*(_rows(x, G) for x in out)) if isinstance(out, Candidates) else _rows(out, G)
+            state = tuple(s if i in fixed else _rows(s, G) for i, s in enumerate(state))
+        else:
+            out, state = step_fn(tokens.reshape(-1), state)
         B = len(live)  # from here on: the items still searching
         cands = out if isinstance(out, Candidates) else candidates(out, K + 1, end_id)
         k = cands.tokens.shape[1]  # candidates per row

@@ -23,7 +23,6 @@ def make_step_fn(decoder, top_k=None, end_id=None):
     if top_k is not None and end_id is None:
         raise ValueError("make_step_fn(top_k=...) needs end_id: the search reads every row's <end> log-prob")
 
-    @tf.function(reduce_retracing=True)
     def step(tokens, state):
         log_probs, state, _ = decoder.step(tokens, state)
         banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0)  # (V,)
@@ -42,15 +41,21 @@ def make_step_fn(decoder, top_k=None, end_id=None):
             held[i] = (s, tf.constant(s))
         return held[i][1]
 
+    compiled = []  # traced once, at the first call: every row count shares the one graph
+
     def step_fn(tokens, state):
         fixed = {i % len(state) for i in static}
         inputs = tuple(as_tensor(i, s) if i in fixed else tf.constant(s) for i, s in enumerate(state))
-        log_probs, out = step(tf.constant(tokens, tf.int32), inputs)
+        if not compiled:
+            specs = [tf.TensorSpec([None] * x.shape.rank, x.dtype) for x in inputs]  # rows, steps: any
+            compiled.append(tf.function(step, input_signature=[tf.TensorSpec([None], tf.int32), tuple(specs)]))
+        log_probs, out = compiled[0](tf.constant(tokens, tf.int32), inputs)
         log_probs = Candidates(*(x.numpy() for x in log_probs)) if top_k else log_probs.numpy()
         # The static parts come back as they went in: the same arrays, not copied back and forth.
         return log_probs, tuple(state[i] if i in fixed else s.numpy() for i, s in enumerate(out))
 
     step_fn.static = static  # for beam_search(static=...)
+    step_fn.traces = lambda: compiled[0].experimental_get_tracing_count() if compiled else 0
     return step_fn
 
 

@@ -92,7 +92,7 @@ def test_stops_as_soon_as_no_open_beam_can_win():
     # raw scores: "b" (0.24) finishes at step 2; the open "a a a a" (0.151) falls below it at step 4
     seqs, scores, _, calls = run([SHORT_VS_LONG], beam=2, max_length=10)
     assert seqs == [[B]] and scores[0] == pytest.approx(np.log(0.3 * 0.8))
-    assert calls == [3, 3, 3, 3]  # 2 beams and the greedy row
+    assert calls == [1, 3, 3, 3]  # <start> once (every row starts the same), then 2 beams and the greedy row
 
 
 def test_length_normalisation_changes_the_winner():
@@ -102,7 +102,7 @@ def test_length_normalisation_changes_the_winner():
     assert norm_raw[0] == pytest.approx(np.log(0.7 * 0.6 * 0.6 * 0.3 * 0.8))
     assert norm_scores[0] == pytest.approx(norm_raw[0] / 5)  # 4 words and <end>
     # the bound for alpha > 0 divides by the longest possible length: nothing stops early here
-    assert calls == [3] * 5
+    assert calls == [1] + [3] * 4
 
 
 def test_batched_items_do_not_mix():
@@ -223,6 +223,33 @@ def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(
         assert got[0] == want[0] and got[2] == want[2]
 
 
+@pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer"])
+def test_the_step_is_traced_once_for_every_row_count(decoder):
+    """The search calls the step with one row per image, then beam + 1 rows, then fewer as images
+    finish (and the Transformer's state grows a step each call): one graph serves them all."""
+    import keras
+
+    from captioning.decode import make_step_fn
+    from captioning.decoders import build_decoder
+
+    keras.utils.set_random_seed(0)
+    extra = {"attention_units": 4} if decoder != "transformer" else {"num_layers": 1, "num_heads": 2}
+    m = build_decoder(decoder, vocab_size=9, feature_dim=6, num_locations=4, embed_dim=4, units=8, **extra)
+    m.build()
+    feats = np.random.default_rng(0).normal(size=(16, 4, 6)).astype("float32")
+    state = tuple(np.asarray(s) for s in m.initial_state(feats))
+    step_fn, rows = make_step_fn(m, top_k=4, end_id=2), []
+
+    def counted(tokens, state):
+        rows.append(len(tokens))
+        return step_fn(tokens, state)
+
+    counted.static = step_fn.static
+    beam_search(counted, state, 16, 3, 8, 1, 2, static=step_fn.static)
+    assert rows[0] == 16 and rows[1] > 16 and len(set(rows)) > 2
+    assert step_fn.traces() == 1
+
+
 def test_tensorflow_candidates_break_ties_as_numpy_does():
     """A decoder whose log-probs tie: top_k in the step keeps the lower token ids, as the search's
     own ranking of the whole row does."""
@@ -335,7 +362,9 @@ def test_candidates_and_compaction_choose_what_ranking_the_whole_vocabulary_choo
     got = beam_search(step_fn, (np.arange(items), empty_prefixes(items)), items, beam, 6, -1, 0, alpha)
     want = full_vocabulary_search(tied, items, beam, 6, -1, 0, alpha)
     assert got[0] == want[0] and got[1] == want[1] and got[2] == want[2]
-    assert calls == sorted(calls, reverse=True) and calls[-1] < calls[0]  # done items left the batch
+    assert calls[0] == items  # the first step: one row per item, all its beams start the same
+    rows = calls[1:]
+    assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]  # done items left the batch
 
 
 def test_candidates_keep_each_rows_best_tokens_lowest_id_first_on_ties():
