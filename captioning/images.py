@@ -28,7 +28,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in img.info:
         rgba = img.convert("RGBA")  # palette or colour-key transparency becomes alpha too
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
 
 
 def load_image(path, size: int, dtype=np.float32) -> np.ndarray:
@@ -43,7 +43,8 @@ def load_image(path, size: int, dtype=np.float32) -> np.ndarray:
                 if img.format == "JPEG":
                     img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when big
                 img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
+                ImageOps.exif_transpose(img, in_place=True)  # in place: an upright photo is not copied
+                rgb = _to_rgb(img)
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except Image.UnidentifiedImageError:
