@@ -12,7 +12,8 @@ Two things make the loop cheaper than ``tf.scan`` with autodiff, without changin
   (attention keys, features) one step at a time. Here the reverse loop carries only what flows
   back in time (dh, and dc for an LSTM) and records the gradients at the products' outputs;
   after the loop each weight and image gradient is one large product over all N rows:
-  ``dW_h = H_prev^T dHW``, ``dK_ctx = CTX^T dGX``, ``dfeats = alpha^T dctx`` per image.
+  ``dW_h = H_prev^T dHW``, ``dK_ctx = CTX^T dGX``, ``dfeats = alpha^T dctx`` per image (the
+  attention score's (A,) kernel is summed in the loop, where its (n, L, A) input is at hand).
 
 Same maths as autodiff over the padded batch, so the same numbers to float rounding (tested).
 
@@ -97,13 +98,11 @@ def recurrent_scan(decoder, gx, states, f, keys, w, packing=None):
             x, tf.concat([[offset(t)], tf.zeros([rest], tf.int32)], 0), tf.concat([[size(t)], tf.fill([rest], -1)], 0)
         )
 
-    def at_all(nest, t):
-        return tf.nest.map_structure(lambda x: at(x, t), nest)
-
     def loop(fn, carry, reverse=False):
         """``carry, out = fn(t, carry)`` for each step (backwards with ``reverse``); returns the
-        last carry and the outputs packed (N, ...) in step order. The first step runs before the
-        loop, to give the TensorArrays their structure."""
+        last carry and the outputs, each a TensorArray of the steps (:func:`packed` joins one
+        into (N, ...) rows in step order). The first step runs before the loop, to give the
+        TensorArrays their structure."""
         t0 = steps - 1 if reverse else 0
         carry, out = fn(t0, carry)
         shape = (lambda o: o.shape) if counts is None else (lambda o: tf.TensorShape([None]).concatenate(o.shape[1:]))
@@ -122,9 +121,10 @@ def recurrent_scan(decoder, gx, states, f, keys, w, packing=None):
         _, carry, tas = tf.while_loop(
             lambda i, *_: i < steps, body, (tf.constant(1), carry, tas), maximum_iterations=steps
         )
-        if counts is None:
-            return carry, tf.nest.map_structure(lambda ta: _merge_steps(ta.stack()), tas)
-        return carry, tf.nest.map_structure(lambda ta: ta.concat(), tas)
+        return carry, tas
+
+    def packed(ta):  # a TensorArray of the steps' outputs -> (N, ...) rows (a copy of them all)
+        return _merge_steps(ta.stack()) if counts is None else ta.concat()
 
     @tf.custom_gradient
     def run(gx, *rest):
@@ -139,20 +139,26 @@ def recurrent_scan(decoder, gx, states, f, keys, w, packing=None):
             carry = tuple(_keep_rows(s_new, s) for s_new, s in zip(new, states))
             return carry, (prev, new[0], ctx, alpha, saved, cache)
 
-        _, (prev_states, hs, ctxs, alphas, saved, cell_cache) = loop(step, tuple(states))
+        # What only the backward loop reads (the previous states, the attention's tanh (N, L, A),
+        # the cell's cache) stays in its TensorArrays, read a step at a time: joining it into
+        # (N, ...) arrays would copy it all, for the (N, L, A) tanh tens of MB a batch.
+        _, (prev_ta, hs, ctxs, alphas, saved_ta, cache_ta) = loop(step, tuple(states))
+        hs, ctxs, alphas = packed(hs), packed(ctxs), packed(alphas)
+        h_prev = packed(prev_ta[0])  # (N, U): for dW_h
 
         def grad(d_hs, d_ctxs, d_alphas):
             d_hs, d_ctxs, d_alphas = (
                 tf.zeros_like(y) if d is None else d for d, y in zip((d_hs, d_ctxs, d_alphas), (hs, ctxs, alphas))
             )
 
+            def read(tas, t):
+                return tuple(ta.read(t) for ta in tas)
+
             def back(t, carry):  # all B rows, zero where a row's last step is still to come
-                (d_states, d_keys), n = carry, size(t)
+                (d_states, d_keys, d_score), n = carry, size(t)
                 d_run = (_head(d_states[0], n) + at(d_hs, t), *(_head(d, n) for d in d_states[1:]))
-                saved_t, alpha = at_all(saved, t), at(alphas, t)
-                dgx, dgh, d_prev = decoder.gates_grad(
-                    d_run, tuple(at(p, t) for p in prev_states), at_all(cell_cache, t)
-                )
+                saved_t, alpha = read(saved_ta, t), at(alphas, t)
+                dgx, dgh, d_prev = decoder.gates_grad(d_run, read(prev_ta, t), read(cache_ta, t))
                 if att:
                     gate, x, cu = saved_t
                     d_ctx = at(d_ctxs, t) + tf.matmul(dgx, wts["k_ctx"], transpose_b=True)  # (n, C)
@@ -164,24 +170,27 @@ def recurrent_scan(decoder, gx, states, f, keys, w, packing=None):
                     d_pre = tf.raw_ops.TanhGrad(y=x, dy=d_e[:, :, None] * wts["k_score"][:, 0])
                     d_hw = tf.concat([dgh, tf.reduce_sum(d_pre, axis=1), d_gate * gate * (1.0 - gate)], axis=1)
                     d_keys = _keep_rows(_head(d_keys, n) + d_pre, d_keys)  # summed over steps
+                    d_score += tf.tensordot(d_e, x, [[0, 1], [0, 1]])  # (A,): the score kernel's, summed
                     rec = (dgx, d_hw, d_cu, d_e)
                 else:
                     d_hw, rec = dgh, (dgx, dgh)
                 d_prev = (d_prev[0] + tf.matmul(d_hw, wts["w_h"], transpose_b=True), *d_prev[1:])
-                return (tuple(_keep_rows(d, old) for d, old in zip(d_prev, d_states)), d_keys), rec
+                return (tuple(_keep_rows(d, old) for d, old in zip(d_prev, d_states)), d_keys, d_score), rec
 
             zeros = tuple(tf.zeros_like(s) for s in states)
-            (d_states0, d_keys), rec = loop(back, (zeros, tf.zeros_like(keys)), reverse=True)
+            d_score0 = tf.zeros([keys.shape[-1]], keys.dtype)
+            (d_states0, d_keys, d_score), rec = loop(back, (zeros, tf.zeros_like(keys), d_score0), reverse=True)
+            rec = tuple(packed(ta) for ta in rec)
             dgx, d_hw = rec[0], rec[1]  # (N, G): also the gradient of gx; (N, G [+ A + 1])
             # The weight and image gradients: one large product each over all N rows.
-            grads = {"w_h": tf.matmul(prev_states[0], d_hw, transpose_a=True)}  # (U, G [+ A + 1])
+            grads = {"w_h": tf.matmul(h_prev, d_hw, transpose_a=True)}  # (U, G [+ A + 1])
             if "b_rec" in names:
                 grads["b_rec"] = tf.reduce_sum(d_hw[:, :g], axis=0)
             d_f = tf.zeros_like(f)
             if att:
                 d_cu, d_e = rec[2:]  # (N, C), (N, L)
                 grads["k_ctx"] = tf.matmul(ctxs, dgx, transpose_a=True)  # (C, G)
-                grads["k_score"] = tf.reshape(tf.tensordot(d_e, saved[1], [[0, 1], [0, 1]]), [-1, 1])  # (A, 1)
+                grads["k_score"] = d_score[:, None]  # (A, 1)
                 grads["b_score"] = tf.reshape(tf.reduce_sum(d_e), [1])
                 grads["b_gate"] = tf.reshape(tf.reduce_sum(d_hw[:, -1]), [1])
                 # Each image's feature gradient over its own steps: (L, T) x (T, C).
