@@ -244,7 +244,6 @@ def test_the_step_is_traced_once_for_every_row_count(decoder):
         rows.append(len(tokens))
         return step_fn(tokens, state)
 
-    counted.static = step_fn.static
     beam_search(counted, state, 16, 3, 8, 1, 2, static=step_fn.static)
     assert rows[0] == 16 and rows[1] > 16 and len(set(rows)) > 2
     assert step_fn.traces() == 1
