@@ -63,6 +63,17 @@ def forward_flops(kind, attention, E, U, A, V, L, C):
     return tok, cap
 
 
+def caption_set(train_mod, store, images, tokens, streaming=True):
+    """``train_mod.CaptionSet`` of the captions whose image has features (any checkout's
+    package: ``train_mod`` is its ``train`` module; ``streaming`` False loads the rows into RAM)."""
+    keys = sorted(set(images) & set(store.index))
+    row = {k: i for i, k in enumerate(keys)}
+    keep = np.array([im in row for im in images])
+    feats = store.rows(keys) if streaming else store.load(keys)
+    rows = np.array([row[im] for im in images if im in row], dtype=np.int64)
+    return train_mod.CaptionSet(feats, tokens[keep].astype(np.int32), rows)
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -124,12 +135,7 @@ def main(
         images, tokens = load_encoded(captions, name)
         if max_captions and name == "train":
             images, tokens = images[:max_captions], tokens[:max_captions]
-        keys = sorted(set(images) & set(store.index))
-        row = {k: i for i, k in enumerate(keys)}
-        keep = np.array([im in row for im in images])
-        feats = store.rows(keys) if streaming else store.load(keys)
-        rows = np.array([row[im] for im in images if im in row], dtype=np.int64)
-        return train_mod.CaptionSet(feats, tokens[keep].astype(np.int32), rows)
+        return caption_set(train_mod, store, images, tokens, streaming)
 
     train, val = split("train"), split("val")
     V = int(max(train.tokens.max(), val.tokens.max())) + 1

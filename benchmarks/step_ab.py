@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.floor import PRESETS  # noqa: E402
+from benchmarks.floor import PRESETS, caption_set  # noqa: E402
 
 
 def build(pkg, features, captions, cfg, seed):
@@ -43,11 +43,7 @@ def build(pkg, features, captions, cfg, seed):
     train_mod = importlib.import_module(pkg + ".train")
     store = importlib.import_module(pkg + ".feature_store").FeatureStore(features)
     images, tokens = importlib.import_module(pkg + ".vocab").load_encoded(captions, "train")
-    keys = sorted(set(images) & set(store.index))
-    row = {k: i for i, k in enumerate(keys)}
-    keep = np.array([im in row for im in images])
-    rows = np.array([row[im] for im in images if im in row], dtype=np.int64)
-    data = train_mod.CaptionSet(store.rows(keys), tokens[keep].astype(np.int32), rows)
+    data = caption_set(train_mod, store, images, tokens)
     keras.utils.set_random_seed(seed)
     model = importlib.import_module(pkg + ".decoders").build_decoder(
         "gru",
