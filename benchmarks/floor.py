@@ -7,7 +7,9 @@ TensorFlow, the engine training uses; the mean of its rate before and after the 
 FLOPs of one epoch's *real* tokens (padding not counted; forward + backward = 3x forward, plus
 the val pass), and the wall time of one epoch of
 ``captioning.train.fit`` on the given features (the last of ``--epochs``: with ``--jit`` the
-XLA compiles fall in the first). Prints epoch time / floor. The defaults are
+XLA compiles fall in the first). Prints epoch time / floor, and the floor of the model's own
+product shapes (each product timed alone at the shape the step runs it: small and thin
+products run below the large-sgemm rate on any CPU). The defaults are
 benchmarks/flickr8k.sh's model; ``--preset default`` is the default pipeline's GRU-256.
 
 Works against an older checkout too, for before/after figures: run this file as a script from
@@ -61,6 +63,73 @@ def forward_flops(kind, attention, E, U, A, V, L, C):
     tok += 2 * (U + ctx + E) * E + 2 * E * V  # deep output, logits
     cap = (2 * L * C * A if attention else 0) + 2 * C * U * (2 if kind == "lstm" else 1)  # keys, init
     return tok, cap
+
+
+def products(kind, attention, E, U, A, V, L, C):
+    """The decoder's forward matrix products: ``(name, per, rows, k, m)``, each ``(rows, k) x (k, m)``.
+
+    ``per``: "step" runs inside the time loop at one row per caption still going (at most a
+    batch), "token" once over all the batch's real tokens, "caption" once over its captions.
+    ``rows``: rows per token or caption (the attention score: one per location). The context,
+    a batched (1, L) x (L, C) product per row, is "context". Their FLOPs sum to
+    :func:`forward_flops` (tested).
+    """
+    G = (3 if kind == "gru" else 4) * U
+    ctx = C if attention else 0
+    out = [("word", "token", 1, E, G), ("hidden", "step", 1, U, G + (A + 1 if attention else 0))]
+    if attention:
+        out += [("score", "step", L, A, 1), ("context", "context", 1, L, C), ("ctx", "step", 1, C, G)]
+    out += [("deep output", "token", 1, U + ctx + E, E), ("logits", "token", 1, E, V)]
+    if attention:
+        out.append(("keys", "caption", L, C, A))
+    out += [("init", "caption", 1, C, U)] * (2 if kind == "lstm" else 1)
+    return out
+
+
+def shape_floor(shapes, batch, tokens_per_caption, repeats=5):
+    """Seconds ``{"token": (forward, backward), "caption": (forward, backward)}`` of ``shapes``
+    (:func:`products`), each product timed alone through TensorFlow at the shape the training
+    step runs it: the loop's at ``batch`` rows (its most; later steps run fewer), the others
+    over a whole batch. Backward: ``dX = dY W^T`` where the forward ran, and ``dW = X^T dY``
+    once over the batch's rows (as decoders/bptt.py does).
+
+    The sgemm floor prices every FLOP at the rate of one large square product; small and thin
+    products run slower on any CPU, so this is the floor for these shapes: what the step's
+    products alone cost, with nothing else in the step and nothing waiting on anything.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    N = max(1, round(batch * tokens_per_caption))  # a batch's real tokens
+    T = max(1, round(tokens_per_caption))
+
+    def timed(a_shape, b_shape, ta=False, tb=False):  # best of ``repeats``, seconds per product
+        a, b = (tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in (a_shape, b_shape))
+        inner = a_shape[-2] if ta else a_shape[-1]
+        flops = 2 * int(np.prod(tf.matmul(a, b, transpose_a=ta, transpose_b=tb).shape)) * inner
+        reps = min(50, max(1, int(2e8 / flops)))  # about 1 ms of work per timing at 200 GFLOP/s
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = tf.matmul(a, b, transpose_a=ta, transpose_b=tb)
+            out.numpy()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        return best
+
+    cost = {"token": [0.0, 0.0], "caption": [0.0, 0.0]}
+    for _name, per, rows, k, m in shapes:
+        if per == "context":  # alpha (B, 1, L) x f (B, L, C); d_alpha = f d_cu; d_f = alpha^T d_cu per image
+            cost["token"][0] += timed((batch, 1, k), (batch, k, m)) / batch
+            cost["token"][1] += timed((batch, k, m), (batch, m, 1)) / batch + timed((batch, k, T), (batch, T, m)) / N
+            continue
+        r = {"step": batch, "token": N, "caption": batch}[per] * rows  # rows of the forward product
+        r_w = (batch if per == "caption" else N) * rows  # rows of the weight gradient's product
+        unit = batch if per in ("step", "caption") else N  # tokens or captions that r rows serve
+        into = cost["caption" if per == "caption" else "token"]
+        into[0] += timed((r, k), (k, m)) / unit
+        into[1] += timed((r, m), (k, m), tb=True) / unit + timed((r_w, k), (r_w, m), ta=True) / (r_w // rows)
+    return {k: tuple(v) for k, v in cost.items()}
 
 
 def caption_set(train_mod, store, images, tokens, streaming=True):
@@ -213,6 +282,17 @@ def main(
         f" epoch {epoch_s:.1f} s ({mode});"
         f" ratio {epoch_s / floor_s:.2f}x; {t_cap / epoch_s:.0f} captions/s; peak RSS {peak_rss_gb():.2f} GB; {losses}"
         + (f"; {'; '.join(notes)}" if notes else "")
+    )
+    # The same products at the rates their own shapes reach, each alone (after the epoch: no
+    # contention with it): the floor this model's products can reach on this machine.
+    dims = (kind, attention, cfg["embed_dim"], cfg["units"], cfg["attention_units"], V)
+    cost = shape_floor(products(*dims, store.num_locations, store.feature_dim), cfg["batch"], t_tok / max(t_cap, 1))
+    (tok_f, tok_b), (cap_f, cap_b) = cost["token"], cost["caption"]
+    shapes_s = t_tok * (tok_f + tok_b) + t_cap * (cap_f + cap_b) + v_tok * tok_f + v_cap * cap_f
+    print(
+        f"the same products, each timed alone at the step's shapes: {shapes_s:.1f} s"
+        f" ({shapes_s / floor_s:.2f}x the sgemm floor, {flops / shapes_s / 1e9:.0f} GFLOP/s);"
+        f" epoch / that {epoch_s / shapes_s:.2f}x"
     )
     if bf16:  # the same FLOPs at the machine's bfloat16 matmul rate (AMX or a GPU's tensor cores)
         bf16_floor = flops / (bf16_gflops * 1e9)
