@@ -75,7 +75,23 @@ def _rows(x, G):
     return np.repeat(np.asarray(x), G, axis=0)
 
 
-def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=()):
+def take_rows(x, rows):
+    """``x``'s rows ``rows`` (numpy fancy indexing): beam_search's default ``take``."""
+    return np.asarray(x)[rows]
+
+
+def beam_search(
+    step_fn,
+    state,
+    batch_size,
+    beam_size,
+    max_length,
+    start_id,
+    end_id,
+    length_penalty=0.0,
+    static=(),
+    take=take_rows,
+):
     """Best caption per item: ``(token-id lists without <start>/<end>, normalised scores, log-probs)``.
 
     ``state`` has first axis ``batch_size`` (one row per item). The first step runs once per item
@@ -91,12 +107,17 @@ def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end
     would cost most of a step's memory traffic (for Flickr8k, 128 images x 6 rows x 49 x 1,024
     floats read every step).
 
+    ``take(x, rows)``: ``x``'s rows ``rows`` (an int array), for every reordering of the state; the
+    search itself reads nothing of the state. A step whose state lives in its own framework passes
+    that framework's gather, so the state never makes a round trip through numpy
+    (``make_step_fn``'s ``take``).
+
     Items whose search has ended leave the batch, so the step stops computing their rows.
     """
     K, T, alpha = beam_size, max_length, length_penalty
     G = K + 1 if K > 1 else 1  # rows per item: K beams, then the greedy path (beam 1 is greedy)
     fixed = {i % len(state) for i in static}
-    state = tuple(np.asarray(s) for s in state)  # one row per item until the first step is taken
+    # one row per item until the first step is taken
     tokens = np.full((batch_size, G), start_id, dtype=np.int64)
     seqs = np.zeros((batch_size, G, 0), dtype=np.int64)
     scores = np.full((batch_size, G), -np.inf)
@@ -117,7 +138,8 @@ def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end
         if t == 1:  # an item's rows all start from <start> in the same state: one row each, then copied
             out, state = step_fn(tokens[:, 0], state)
             out = Candidates(*(_rows(x, G) for x in out)) if isinstance(out, Candidates) else _rows(out, G)
-            state = tuple(s if i in fixed else _rows(s, G) for i, s in enumerate(state))
+            first = np.repeat(np.arange(batch_size), G)  # each item's row, once per row it now has
+            state = tuple(s if i in fixed else take(s, first) for i, s in enumerate(state))
         else:
             out, state = step_fn(tokens.reshape(-1), state)
         B = len(live)  # from here on: the items still searching
@@ -171,10 +193,10 @@ def beam_search(step_fn, state, batch_size, beam_size, max_length, start_id, end
         if done.sum() >= max(1, B // 8):
             going = np.flatnonzero(~done)
             live, scores, tokens, seqs, parents = (x[going] for x in (live, scores, tokens, seqs, parents))
-            state = tuple(np.asarray(s)[going] if i in fixed else s for i, s in enumerate(state))
+            state = tuple(take(s, going) if i in fixed else s for i, s in enumerate(state))
         else:
             scores[done] = -np.inf  # done items stop growing
         keep = (going[:, None] * G + parents).reshape(-1)  # rows of the previous step, item-major
-        state = tuple(s if i in fixed else np.asarray(s)[keep] for i, s in enumerate(state))
+        state = tuple(s if i in fixed else take(s, keep) for i, s in enumerate(state))
 
     return best_seq, best_norm.tolist(), best_raw.tolist()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from .beam import Candidates, beam_search
 
 NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
 
 
 def make_step_fn(decoder, top_k=None, end_id=None):
-    """numpy-facing step for :func:`beam_search` over the decoder's own state (a tuple of arrays).
+    """Step for :func:`beam_search` over the decoder's own state: numpy tokens in, numpy
+    log-probs (or candidates) out; the state stays a tuple of tensors, which the search reorders
+    with the step's ``take`` (``tf.gather``) and the step's ``static`` parts come back unchanged.
 
     ``<pad>``, ``<start>`` and ``<unk>`` get log-probability -inf, so beam search can never
     choose them (a caption of real words always beats one that says "<unk>").
@@ -33,28 +33,23 @@ def make_step_fn(decoder, top_k=None, end_id=None):
         return Candidates(best.values, best.indices, log_probs[:, end_id]), state
 
     static = getattr(decoder, "STATIC_STATE", ())
-    held = {}  # static part index -> (the numpy array, its tensor): converted once per batch and
-    # again when finished images leave it
-
-    def as_tensor(i, s):
-        if i not in held or held[i][0] is not s:
-            held[i] = (s, tf.constant(s))
-        return held[i][1]
-
     compiled = []  # traced once, at the first call: every row count shares the one graph
 
     def step_fn(tokens, state):
-        fixed = {i % len(state) for i in static}
-        inputs = tuple(as_tensor(i, s) if i in fixed else tf.constant(s) for i, s in enumerate(state))
+        # The state stays in TensorFlow between steps: beam search reorders it with ``take``
+        # (tf.gather), so it is never copied out to numpy and back (only the candidates are).
+        inputs = tuple(s if isinstance(s, tf.Tensor) else tf.constant(s) for s in state)
         if not compiled:
             specs = [tf.TensorSpec([None] * x.shape.rank, x.dtype) for x in inputs]  # rows, steps: any
             compiled.append(tf.function(step, input_signature=[tf.TensorSpec([None], tf.int32), tuple(specs)]))
         log_probs, out = compiled[0](tf.constant(tokens, tf.int32), inputs)
         log_probs = Candidates(*(x.numpy() for x in log_probs)) if top_k else log_probs.numpy()
-        # The static parts come back as they went in: the same arrays, not copied back and forth.
-        return log_probs, tuple(state[i] if i in fixed else s.numpy() for i, s in enumerate(out))
+        # The static parts (the image) go back as they came in: the same tensors, not copies.
+        fixed = {i % len(state) for i in static}
+        return log_probs, tuple(inputs[i] if i in fixed else s for i, s in enumerate(out))
 
     step_fn.static = static  # for beam_search(static=...)
+    step_fn.take = tf.gather  # for beam_search(take=...): rows of a state part, in TensorFlow
     step_fn.traces = lambda: compiled[0].experimental_get_tracing_count() if compiled else 0
     return step_fn
 
@@ -79,7 +74,7 @@ def caption_features(
     # ``features`` may be FeatureRows (read from disk): the next batch is read during the search.
     batches = prefetch((features[i : i + batch_size] for i in starts), depth=2)
     for batch in tqdm(batches, total=len(starts), desc="captioning", unit="batch", disable=not progress):
-        state = tuple(np.asarray(x) for x in decoder.initial_state(batch))
+        state = decoder.initial_state(batch)  # tensors: the step keeps them in TensorFlow
         seqs, _, raw = beam_search(
             step_fn,
             state,
@@ -90,6 +85,7 @@ def caption_features(
             vocab.end_id,
             length_penalty,
             static=step_fn.static,
+            take=step_fn.take,
         )
         captions.extend(vocab.decode(s) for s in seqs)
         log_probs.extend(raw)

@@ -178,7 +178,7 @@ def fine_tune(
     def greedy(features):
         seqs = []
         for i in range(0, len(features), 64):
-            state = tuple(np.asarray(s) for s in decoder.initial_state(features[i : i + 64]))
+            state = decoder.initial_state(features[i : i + 64])
             got, _, _ = beam_search(
                 step_fn,
                 state,
@@ -188,6 +188,7 @@ def fine_tune(
                 vocab.start_id,
                 vocab.end_id,
                 static=step_fn.static,
+                take=step_fn.take,
             )
             seqs.extend(got)
         return seqs

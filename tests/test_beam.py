@@ -200,7 +200,8 @@ def test_enough_beams_equal_brute_force_and_beam_never_loses_to_greedy(n_tokens,
 def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(decoder):
     """The image parts of the state (STATIC_STATE) go to the step once per item, not per beam, and
     the step picks each row's best tokens itself (top_k): the same captions and scores as the
-    plain step that repeats every part per row and returns the whole (N, V) log-probs."""
+    plain step that repeats every part per row and returns the whole (N, V) log-probs; and
+    the same again with the state kept in TensorFlow between steps (``take``)."""
     import keras
 
     from captioning.beam import Candidates
@@ -221,6 +222,9 @@ def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(
         got = beam_search(fast, state, 5, k, 6, 1, 2, static=fast.static)
         want = beam_search(plain, state, 5, k, 6, 1, 2)
         assert got[0] == want[0] and got[2] == want[2]
+        # The state kept in TensorFlow (tensors in, tf.gather to reorder): the very same search.
+        kept = beam_search(fast, m.initial_state(feats), 5, k, 6, 1, 2, static=fast.static, take=fast.take)
+        assert kept == got
 
 
 @pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer"])
@@ -237,14 +241,13 @@ def test_the_step_is_traced_once_for_every_row_count(decoder):
     m = build_decoder(decoder, vocab_size=9, feature_dim=6, num_locations=4, embed_dim=4, units=8, **extra)
     m.build()
     feats = np.random.default_rng(0).normal(size=(16, 4, 6)).astype("float32")
-    state = tuple(np.asarray(s) for s in m.initial_state(feats))
     step_fn, rows = make_step_fn(m, top_k=4, end_id=2), []
 
     def counted(tokens, state):
         rows.append(len(tokens))
         return step_fn(tokens, state)
 
-    beam_search(counted, state, 16, 3, 8, 1, 2, static=step_fn.static)
+    beam_search(counted, m.initial_state(feats), 16, 3, 8, 1, 2, static=step_fn.static, take=step_fn.take)
     assert rows[0] == 16 and rows[1] > 16 and len(set(rows)) > 2
     assert step_fn.traces() == 1
 
