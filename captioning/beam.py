@@ -116,8 +116,7 @@ def beam_search(
     """
     K, T, alpha = beam_size, max_length, length_penalty
     G = K + 1 if K > 1 else 1  # rows per item: K beams, then the greedy path (beam 1 is greedy)
-    fixed = {i % len(state) for i in static}
-    # one row per item until the first step is taken
+    fixed = {i % len(state) for i in static}  # state: one row per item until the first step
     tokens = np.full((batch_size, G), start_id, dtype=np.int64)
     seqs = np.zeros((batch_size, G, 0), dtype=np.int64)
     scores = np.full((batch_size, G), -np.inf)
