@@ -70,11 +70,6 @@ def _top(values, k):
     return np.argsort(-values, axis=1, kind="stable")[:, :k]
 
 
-def _rows(x, G):
-    """Each row of ``x`` repeated ``G`` times, item-major (an item's rows are adjacent)."""
-    return np.repeat(np.asarray(x), G, axis=0)
-
-
 def take_rows(x, rows):
     """``x``'s rows ``rows`` (numpy fancy indexing): beam_search's default ``take``."""
     return np.asarray(x)[rows]
@@ -136,8 +131,11 @@ def beam_search(
     for t in range(1, T + 2):  # T word steps, then one step that can only close with <end>
         if t == 1:  # an item's rows all start from <start> in the same state: one row each, then copied
             out, state = step_fn(tokens[:, 0], state)
-            out = Candidates(*(_rows(x, G) for x in out)) if isinstance(out, Candidates) else _rows(out, G)
-            first = np.repeat(np.arange(batch_size), G)  # each item's row, once per row it now has
+            first = np.repeat(np.arange(batch_size), G)  # each item's row, once per row it now has (item-major)
+            if isinstance(out, Candidates):
+                out = Candidates(*(take_rows(x, first) for x in out))
+            else:
+                out = take_rows(out, first)
             state = tuple(s if i in fixed else take(s, first) for i, s in enumerate(state))
         else:
             out, state = step_fn(tokens.reshape(-1), state)
