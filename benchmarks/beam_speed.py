@@ -39,7 +39,7 @@ def main(model_dir, features, images, beam, batch, max_length, loop_images, roun
     seed_everything(0)
     from captioning.decode import caption_features
     from captioning.feature_store import FeatureStore
-    from captioning.predict import load_model
+    from captioning.model_folder import load_model
 
     model = load_model(model_dir)
     store = FeatureStore(features)

@@ -29,7 +29,7 @@ def main(model_dir, features, captions, batches):
     from captioning.cider import CiderD
     from captioning.decoders.base import masked_cross_entropy  # noqa: F401  (same imports as training)
     from captioning.feature_store import FeatureStore
-    from captioning.predict import load_model
+    from captioning.model_folder import load_model
     from captioning.scst import baseline, make_sampler, strip_end
     from stages.finetune import image_set
 

@@ -1,10 +1,42 @@
-"""Caption features with any decoder: its compiled step driven by batched beam search."""
+"""Caption image features with any decoder: its step driven by beam search, and the attention behind
+each word. (Images in, captions out: :class:`captioning.inference.Captioner`.)
+
+Two drivers of the one search: :func:`captioning.beam.beam_search` from Python (the reference;
+drops finished images from the batch, so it suits whole splits) and
+:func:`captioning.graph_search.graph_beam_search` inside one TensorFlow graph (no per-word round
+trip, so it suits one photo or a few).
+"""
 
 from __future__ import annotations
+
+import numpy as np
 
 from .beam import Candidates, beam_search
 
 NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
+
+
+def log_prob_step(decoder):
+    """``step(tokens (N,), state) -> (log_probs (N, V), state')``: the decoder's step in TensorFlow
+    ops, with ``<pad>``, ``<start>`` and ``<unk>`` at log-probability -inf, so no search can
+    choose them (a caption of real words always beats one that says "<unk>")."""
+    import tensorflow as tf
+
+    def step(tokens, state):
+        log_probs, state, _ = decoder.step(tokens, state)
+        banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0)  # (V,)
+        return tf.where(banned > 0, tf.constant(-float("inf"), log_probs.dtype), log_probs), state
+
+    return step
+
+
+def graph_search(decoder, vocab, beam_size, max_length, length_penalty=0.0):
+    """``search(state) -> (token lists, scores, log-probs)``: the whole search as one compiled call."""
+    from .graph_search import compile_search
+
+    step = log_prob_step(decoder)
+    static = getattr(decoder, "STATIC_STATE", ())
+    return compile_search(step, beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty, static)
 
 
 def make_step_fn(decoder, top_k=None, end_id=None):
@@ -12,21 +44,19 @@ def make_step_fn(decoder, top_k=None, end_id=None):
     log-probs (or candidates) out; the state stays a tuple of tensors, which the search reorders
     with the step's ``take`` (``tf.gather``) and the step's ``static`` parts come back unchanged.
 
-    ``<pad>``, ``<start>`` and ``<unk>`` get log-probability -inf, so beam search can never
-    choose them (a caption of real words always beats one that says "<unk>").
-    ``top_k`` (beam size + 1) and ``end_id``: the step returns :class:`Candidates`, each row's
-    ``top_k`` best tokens picked in TensorFlow, instead of the (N, V) log-probs: the search
-    reads nothing else, and numpy then ranks (N, top_k) arrays instead of (N, V).
+    The log-probs are :func:`log_prob_step`'s. ``top_k`` (beam size + 1) and ``end_id``: the step
+    returns :class:`Candidates`, each row's ``top_k`` best tokens picked in TensorFlow, instead of
+    the (N, V) log-probs: the search reads nothing else, and numpy then ranks (N, top_k) arrays instead of (N, V).
     """
     import tensorflow as tf
 
     if top_k is not None and end_id is None:
         raise ValueError("make_step_fn(top_k=...) needs end_id: the search reads every row's <end> log-prob")
 
+    model_step = log_prob_step(decoder)
+
     def step(tokens, state):
-        log_probs, state, _ = decoder.step(tokens, state)
-        banned = tf.reduce_max(tf.one_hot(NEVER_GENERATED, tf.shape(log_probs)[-1]), axis=0)  # (V,)
-        log_probs = tf.where(banned > 0, -float("inf"), log_probs)  # (N, V)
+        log_probs, state = model_step(tokens, state)  # (N, V)
         if top_k is None:
             return log_probs, state
         best = tf.math.top_k(log_probs, k=tf.minimum(top_k, tf.shape(log_probs)[-1]))  # ties: lower id first
@@ -90,3 +120,21 @@ def caption_features(
         captions.extend(vocab.decode(s) for s in seqs)
         log_probs.extend(raw)
     return captions, log_probs
+
+
+def word_attention(decoder, vocab, features, captions):
+    """For each caption (space-separated vocabulary words): ``(words, alphas (len(words), L))``.
+
+    The attention at each word is the decoder's own when it generated that word (a
+    teacher-forced pass over the caption reproduces the search's steps).
+    """
+    import tensorflow as tf
+
+    token_lists = [[vocab.start_id] + [vocab.index.get(w, vocab.unk_id) for w in c.split()] for c in captions]
+    width = max(len(t) for t in token_lists)
+    tokens = np.zeros((len(captions), width), np.int32)
+    for i, t in enumerate(token_lists):
+        tokens[i, : len(t)] = t
+    _, aux = decoder.forward(tf.constant(features, tf.float32), tf.constant(tokens))
+    alphas = np.asarray(aux["attention"])  # (B, T, L); step t generates word t (input: token t-1)
+    return [(c.split(), alphas[i, : len(c.split())]) for i, c in enumerate(captions)]

@@ -36,11 +36,8 @@ def build_encoder(spec: EncoderSpec):
     """``(model, preprocess)``: image batch (B, S, S, 3) in 0..255 -> feature map (B, h, w, C)."""
     import keras
 
-    if spec.backbone not in BACKBONES:
-        raise CaptioningError(f"unknown backbone {spec.backbone!r} (expected one of {', '.join(BACKBONES)})")
-    ctor_name, module_name, _ = BACKBONES[spec.backbone]
-    ctor = getattr(keras.applications, ctor_name)
-    preprocess = getattr(keras.applications, module_name).preprocess_input
+    preprocess = preprocess_for(spec)  # checks the backbone's name too
+    ctor = getattr(keras.applications, BACKBONES[spec.backbone][0])
     if spec.weights == "none":
         weights = None
         keras.utils.set_random_seed(spec.seed)  # random init, reproducible from the seed
@@ -62,6 +59,15 @@ def build_encoder(spec: EncoderSpec):
     except ValueError:
         raise CaptioningError(f"{spec.backbone} has no layer named {spec.resolved_layer()!r}") from None
     return keras.Model(base.input, out, name=f"{spec.backbone}_encoder"), preprocess
+
+
+def preprocess_for(spec: EncoderSpec):
+    """The backbone's own input scaling (Keras applications' ``preprocess_input``)."""
+    import keras
+
+    if spec.backbone not in BACKBONES:
+        raise CaptioningError(f"unknown backbone {spec.backbone!r} (expected one of {', '.join(BACKBONES)})")
+    return getattr(keras.applications, BACKBONES[spec.backbone][1]).preprocess_input
 
 
 def make_forward(model, preprocess):

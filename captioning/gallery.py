@@ -2,9 +2,8 @@
 
 Maths (numpy): :func:`upsample` spreads a (L,) attention vector over the image, each grid cell
 covering its own block of pixels (nearest, so one location lights exactly its cell);
-:func:`overlay` blends it onto the photo. :func:`word_attention` re-runs the decoder on its own
-caption, teacher-forced, which gives exactly the attention each word was generated with (the
-contract's ``forward`` and ``step`` agree). :func:`attention_on_objects` measures, on the
+:func:`overlay` blends it onto the photo (the maps come from
+:func:`captioning.inference.word_attention`). :func:`attention_on_objects` measures, on the
 generated data, how much of that attention lands inside the box of the object being named.
 
 The page (:func:`write_gallery`) is one self-contained folder: index.html, PNGs beside it,
@@ -43,23 +42,6 @@ def overlay(image, heat, strength=0.75):
     a = (heat / top if top > 0 else heat)[:, :, None] * strength
     dim = img * 0.45
     return np.clip(dim * (1 - a) + (img * 0.6 + HEAT * 0.4) * a, 0, 255).astype(np.uint8)
-
-
-def word_attention(decoder, vocab, features, captions):
-    """For each caption (space-separated vocabulary words): ``(words, alphas (len(words), L))``.
-
-    The attention at each word is the decoder's own when it generated that word.
-    """
-    import tensorflow as tf
-
-    token_lists = [[vocab.start_id] + [vocab.index.get(w, vocab.unk_id) for w in c.split()] for c in captions]
-    width = max(len(t) for t in token_lists)
-    tokens = np.zeros((len(captions), width), np.int32)
-    for i, t in enumerate(token_lists):
-        tokens[i, : len(t)] = t
-    _, aux = decoder.forward(tf.constant(features, tf.float32), tf.constant(tokens))
-    alphas = np.asarray(aux["attention"])  # (B, T, L); step t generates word t (input: token t-1)
-    return [(c.split(), alphas[i, : len(c.split())]) for i, c in enumerate(captions)]
 
 
 def _cells_in_box(box, grid):

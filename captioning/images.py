@@ -9,6 +9,7 @@ and transparent pixels are laid on white (as a viewer shows them), not on black.
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
@@ -31,15 +32,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
 
 
-def load_image(path, size: int, dtype=np.float32) -> np.ndarray:
+def load_image(source, size: int, dtype=np.float32) -> np.ndarray:
     """``(size, size, 3)`` RGB in 0..255 (float32, or uint8 for the feature pipeline), aspect
-    squashed as the CNNs were trained."""
+    squashed as the CNNs were trained.
+
+    ``source``: a file path, the file's bytes, or an image array (H, W, 3) or (H, W) in 0..255.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source, size, dtype)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
             # Big photos are fine (JPEGs decode at reduced scale); only PIL's hard limit
             # (DecompressionBombError, ~179 Mpx) turns an image away.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.format == "JPEG":
                     img.draft("RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale when big
                 img.load()
@@ -56,3 +64,15 @@ def load_image(path, size: int, dtype=np.float32) -> np.ndarray:
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
     return np.asarray(rgb, dtype=dtype)
+
+
+def _from_array(a: np.ndarray, size: int, dtype) -> np.ndarray:
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]  # an RGBA array: its colour (a decoded file lays alpha on white instead)
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3))) or 0 in a.shape:
+        raise ImageError(f"expected an (H, W, 3) or (H, W) image array, got shape {a.shape}")
+    a = np.clip(np.asarray(a, np.float32), 0, 255).astype(np.uint8)
+    img = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=dtype)

@@ -40,7 +40,7 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     from captioning.decode import caption_features
     from captioning.feature_store import FeatureStore
     from captioning.metrics import coco_scores
-    from captioning.predict import load_model
+    from captioning.model_folder import load_model
 
     store = FeatureStore(features)
     in_split = [r for r in read_json(dataset)["images"] if r["split"] == p.split]

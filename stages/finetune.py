@@ -71,7 +71,7 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
 
     from captioning.cider import CiderD
     from captioning.feature_store import FeatureStore
-    from captioning.predict import load_model, save_model
+    from captioning.model_folder import load_model, save_model
     from captioning.scst import SCSTSettings, fine_tune
 
     model = load_model(model_dir)

@@ -90,7 +90,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
     from captioning.decoders import DECODERS, build_decoder
     from captioning.errors import CaptioningError
     from captioning.feature_store import FeatureStore
-    from captioning.predict import save_model
+    from captioning.model_folder import save_model
     from captioning.train import LOGGED, FitSettings, best_epoch_metrics, fit
     from captioning.vocab import Vocabulary
 

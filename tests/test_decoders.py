@@ -169,7 +169,7 @@ def test_dropout_sites_draw_their_own_streams(monkeypatch, variant, sites):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_model_folder_round_trip_in_safe_mode(tmp_path, variant):
-    from captioning.predict import load_model, save_model
+    from captioning.model_folder import load_model, save_model
     from captioning.vocab import SPECIALS, Vocabulary
 
     m = tiny(variant)
@@ -199,7 +199,7 @@ def test_model_folder_round_trip_in_safe_mode(tmp_path, variant):
 
 def test_a_vocabulary_that_does_not_fit_the_model_is_refused(tmp_path):
     from captioning.errors import CaptioningError
-    from captioning.predict import load_model, save_model
+    from captioning.model_folder import load_model, save_model
     from captioning.vocab import SPECIALS, Vocabulary
 
     save_model(tmp_path / "m", tiny(), "gru", Vocabulary(list(SPECIALS) + ["a"]), {"encoder": {}})

@@ -235,7 +235,7 @@ def test_the_registry_is_well_formed():
 
 
 def test_cli_downloads_then_prints_the_training_command(server, tmp_path, monkeypatch):
-    from stages import download as stage
+    from captioning.commands import main as cli
 
     ds = Dataset(
         files=(remote_for(server, "/d/photos.zip", PHOTOS, size=len(PHOTOS)),),
@@ -243,13 +243,13 @@ def test_cli_downloads_then_prints_the_training_command(server, tmp_path, monkey
     )
     monkeypatch.setitem(DATASETS, "tiny", ds)
     out = tmp_path / "raw"
-    result = CliRunner().invoke(stage.main, ["tiny", "--out", str(out), "--no-progress"])
+    result = CliRunner().invoke(cli, ["download", "tiny", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"dvc exp run -S dataset.captions={out}/captions.txt -S dataset.images={out}/Photos" in result.output
     assert (
         result.output.strip().splitlines()[-1] == f"download: tiny -> {out}: 1 downloaded, 1 unpacked, 0 already there"
     )
-    again = CliRunner().invoke(stage.main, ["tiny", "--out", str(out), "--no-progress"])
+    again = CliRunner().invoke(cli, ["download", "tiny", "--out", str(out), "--no-progress"])
     assert again.output.strip().endswith("0 downloaded, 0 unpacked, 1 already there")
-    bad = CliRunner().invoke(stage.main, ["nope", "--out", str(out)])
+    bad = CliRunner().invoke(cli, ["download", "nope", "--out", str(out)])
     assert bad.exit_code == 2 and "choose from" in bad.output and "coco2014" in bad.output

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from captioning import gallery
+from captioning.decode import word_attention
 from captioning.shapes import OBJECT_RE
 
 
@@ -76,7 +77,7 @@ def test_word_maps_are_the_attention_each_word_was_generated_with():
         vocab.end_id,
     )
     captions = [vocab.decode(s) for s in seqs]
-    maps = gallery.word_attention(decoder, vocab, feats, captions)
+    maps = word_attention(decoder, vocab, feats, captions)
     for b, (words, alphas) in enumerate(maps):  # replay greedy decoding step by step
         assert words == captions[b].split() and alphas.shape == (len(words), 4)
         state = tuple(s[b : b + 1] for s in decoder.initial_state(feats))
@@ -160,13 +161,14 @@ def test_gallery_renders_in_headless_chromium(tiny_run, tmp_path):
 def test_caption_cli_writes_attention_panels_and_a_page(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from stages import caption
+    from captioning.commands import main as cli
 
     root, _ = tiny_run
     imgs = sorted((root / "data/shapes/images").glob("*.png"))[:2]
     result = CliRunner().invoke(
-        caption.main,
+        cli,
         [
+            "caption",
             "--model",
             str(root / "models_final"),
             "--attention",

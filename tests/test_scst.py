@@ -177,6 +177,6 @@ def test_finetune_stage_end_to_end(tiny_run, tmp_path):
     assert summary["enabled"] and summary["epochs_run"] == 2 and "best_val_cider" in summary
     cfg = json.loads((tmp_path / "models_final/config.json").read_text())
     assert cfg["scst"]["best_epoch"] == summary["best_epoch"] and cfg["encoder"]["layer"] == "block3_pool"
-    from captioning.predict import load_model
+    from captioning.model_folder import load_model
 
     assert load_model(tmp_path / "models_final").vocab.words == load_model(root / "models").vocab.words

@@ -8,9 +8,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from captioning.commands import main as cli
 from captioning.metrics import coco_scores, spice_available
 from captioning.shapes import scene_accuracy
-from stages import caption, evaluate, train
+from stages import evaluate, train
 
 
 def test_stages_end_to_end(tiny_run):
@@ -69,14 +70,14 @@ def test_caption_cli(tiny_run, tmp_path):
     root, _ = tiny_run
     imgs = sorted((root / "data/shapes/images").glob("*.png"))[:2]
     (tmp_path / "broken.jpg").write_text("not an image")
-    args = ["--model", str(root / "models_final"), "--json"]
-    result = CliRunner().invoke(caption.main, args + [str(imgs[0]), str(tmp_path / "broken.jpg"), str(imgs[1])])
+    args = ["caption", "--model", str(root / "models_final"), "--json"]
+    result = CliRunner().invoke(cli, args + [str(imgs[0]), str(tmp_path / "broken.jpg"), str(imgs[1])])
     assert result.exit_code == 1  # one image failed
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(imgs[0]), str(imgs[1])]
     assert all(isinstance(line["caption"], str) for line in lines)
     assert "broken.jpg: not an image file" in result.stderr
-    ok = CliRunner().invoke(caption.main, args[:-1] + ["--beam-size", "1", str(imgs[0])])
+    ok = CliRunner().invoke(cli, args[:-1] + ["--beam-size", "1", str(imgs[0])])
     assert ok.exit_code == 0 and ok.stdout.startswith(str(imgs[0]) + "\t")
 
 
