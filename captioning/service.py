@@ -167,6 +167,7 @@ def create_app(captioner, limits: Limits = Limits(), token: str | None = None, d
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     batcher = Batcher(captioner, limits)
@@ -244,7 +245,10 @@ def create_app(captioner, limits: Limits = Limits(), token: str | None = None, d
             raise RequestError(400, "this model's decoder does not attend: no attention maps")
         t0 = time.perf_counter()
         size = captioner.image_size
-        arrays = [decode_upload(data, size, limits.max_pixels, name) for name, data in uploads]
+        # PIL decodes outside the event loop (it releases the GIL), so other requests keep flowing.
+        arrays = await run_in_threadpool(
+            lambda: [decode_upload(data, size, limits.max_pixels, name) for name, data in uploads]
+        )
         read_ms = 1000 * (time.perf_counter() - t0)
         caps, timings = await batcher.submit(arrays, (beam_size, max_length, length_penalty, attention))
         return {
