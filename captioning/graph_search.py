@@ -138,10 +138,16 @@ def graph_beam_search(step, state, beam_size, max_length, start_id, end_id, leng
     return carry["best_seq"], carry["best_len"], carry["best_norm"], carry["best_raw"]
 
 
-def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=()):
+def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=(), jit=True):
     """``search(state) -> (token lists, scores, log-probs)`` (beam.py's return, as Python values):
-    the search as one ``tf.function``, traced once at the first call for any number of items."""
-    compiled = []
+    the search as one ``tf.function``, traced at the first call.
+
+    ``jit``: compile it with XLA where the step keeps its state's shapes (a recurrent decoder; a
+    Transformer's cache grows each step, so it runs as a plain graph). XLA fuses the search's many
+    small per-word ops into a few kernels; it compiles once per batch size, so batches are padded
+    to the next power of two (repeating the last item) and the pad rows dropped.
+    """
+    compiled = {}
 
     def run(state):
         return graph_beam_search(step, state, beam_size, max_length, start_id, end_id, length_penalty, static)
@@ -150,9 +156,21 @@ def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty
         state = tuple(tf.convert_to_tensor(s) for s in state)
         if not compiled:  # any number of items: one graph serves every batch size
             specs = tuple(tf.TensorSpec([None, *s.shape[1:]], s.dtype) for s in state)
-            compiled.append(tf.function(run, input_signature=[specs], autograph=False))
-        seqs, lengths, norm, raw = (x.numpy() for x in compiled[0](state))
-        return [s[:n].tolist() for s, n in zip(seqs, lengths)], norm.tolist(), raw.tolist()
+            compiled["xla"] = jit and keeps_shapes(step, specs)
+            compiled["fn"] = tf.function(run, input_signature=[specs], autograph=False, jit_compile=compiled["xla"])
+        n = int(state[0].shape[0])
+        if compiled["xla"] and n:
+            pad = (1 << (n - 1).bit_length()) - n  # to a power of two: few XLA compilations
+            state = tuple(tf.concat([s, tf.repeat(s[-1:], pad, axis=0)], 0) if pad else s for s in state)
+        seqs, lengths, norm, raw = (x.numpy()[:n] for x in compiled["fn"](state))
+        return [s[:k].tolist() for s, k in zip(seqs, lengths)], norm.tolist(), raw.tolist()
 
-    search.traces = lambda: compiled[0].experimental_get_tracing_count() if compiled else 0
+    search.traces = lambda: compiled["fn"].experimental_get_tracing_count() if compiled else 0
+    search.xla = lambda: compiled.get("xla")
     return search
+
+
+def keeps_shapes(step, specs) -> bool:
+    """Whether ``step`` returns every state part in the shape it took (what XLA's loop needs)."""
+    traced = tf.function(step, autograph=False).get_concrete_function(tf.TensorSpec([None], tf.int32), specs)
+    return all(out.shape.as_list() == spec.shape.as_list() for out, spec in zip(traced.structured_outputs[1], specs))
