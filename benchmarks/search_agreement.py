@@ -47,7 +47,7 @@ def main(model_dir, features, dataset, split, beams, batch_size, max_length):
         def compiled(search=search):
             caps, lps = [], []
             for i in range(0, len(feats), batch_size):
-                seqs, _, raw = search(model.decoder.initial_state(feats[i : i + batch_size]))
+                seqs, _, raw = search(feats[i : i + batch_size])
                 caps += [model.vocab.decode(s) for s in seqs]
                 lps += raw
             return caps, lps

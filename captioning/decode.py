@@ -31,12 +31,15 @@ def log_prob_step(decoder):
 
 
 def graph_search(decoder, vocab, beam_size, max_length, length_penalty=0.0):
-    """``search(state) -> (token lists, scores, log-probs)``: the whole search as one compiled call."""
+    """``search(features (N, L, C)) -> (token lists, scores, log-probs)``: the decoder's initial
+    state and the whole search as one compiled call."""
     from .graph_search import compile_search
 
     step = log_prob_step(decoder)
     static = getattr(decoder, "STATIC_STATE", ())
-    return compile_search(step, beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty, static)
+    return compile_search(
+        step, beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty, static, init=decoder.initial_state
+    )
 
 
 def make_step_fn(decoder, top_k=None, end_id=None):

@@ -138,9 +138,11 @@ def graph_beam_search(step, state, beam_size, max_length, start_id, end_id, leng
     return carry["best_seq"], carry["best_len"], carry["best_norm"], carry["best_raw"]
 
 
-def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=(), jit=True):
-    """``search(state) -> (token lists, scores, log-probs)`` (beam.py's return, as Python values):
-    the search as one ``tf.function``, traced at the first call.
+def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=(), jit=True, init=None):
+    """``search(inputs) -> (token lists, scores, log-probs)`` (beam.py's return, as Python values):
+    the search as one ``tf.function``, traced at the first call. ``inputs``: the initial state (a
+    tuple of tensors), or what ``init(inputs) -> state`` takes (a decoder's ``initial_state`` of
+    the features: then that runs inside the same compiled call).
 
     ``jit``: compile it with XLA where the step keeps its state's shapes (a recurrent decoder; a
     Transformer's cache grows each step, so it runs as a plain graph). XLA fuses the search's many
@@ -149,20 +151,26 @@ def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty
     """
     compiled = {}
 
-    def run(state):
+    def run(inputs):
+        state = tuple(init(inputs)) if init else inputs
         return graph_beam_search(step, state, beam_size, max_length, start_id, end_id, length_penalty, static)
 
-    def search(state):
-        state = tuple(tf.convert_to_tensor(s) for s in state)
+    def search(inputs):
+        inputs = tf.convert_to_tensor(inputs) if init else tuple(tf.convert_to_tensor(s) for s in inputs)
+        parts = [inputs] if init else inputs
         if not compiled:  # any number of items: one graph serves every batch size
-            specs = tuple(tf.TensorSpec([None, *s.shape[1:]], s.dtype) for s in state)
-            compiled["xla"] = jit and keeps_shapes(step, specs)
+            specs = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), inputs)
+            state_specs = tf.nest.map_structure(
+                lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), tuple(init(inputs[:1])) if init else inputs
+            )
+            compiled["xla"] = jit and keeps_shapes(step, state_specs)
             compiled["fn"] = tf.function(run, input_signature=[specs], autograph=False, jit_compile=compiled["xla"])
-        n = int(state[0].shape[0])
+        n = int(parts[0].shape[0])
         if compiled["xla"] and n:
             pad = (1 << (n - 1).bit_length()) - n  # to a power of two: few XLA compilations
-            state = tuple(tf.concat([s, tf.repeat(s[-1:], pad, axis=0)], 0) if pad else s for s in state)
-        seqs, lengths, norm, raw = (x.numpy()[:n] for x in compiled["fn"](state))
+            padded = [tf.concat([s, tf.repeat(s[-1:], pad, axis=0)], 0) if pad else s for s in parts]
+            inputs = padded[0] if init else tuple(padded)
+        seqs, lengths, norm, raw = (x.numpy()[:n] for x in compiled["fn"](inputs))
         return [s[:k].tolist() for s, k in zip(seqs, lengths)], norm.tolist(), raw.tolist()
 
     search.traces = lambda: compiled["fn"].experimental_get_tracing_count() if compiled else 0

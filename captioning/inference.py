@@ -114,7 +114,7 @@ class Captioner:
         if attention and not self.attends:
             raise CaptioningError(f"{self.model.folder}: this decoder does not attend: no maps to show")
         search = self.search(beam_size, max_length, length_penalty)
-        seqs, scores, raw = search(self.model.decoder.initial_state(features))
+        seqs, scores, raw = search(np.asarray(features, np.float32))
         texts = [self.model.vocab.decode(s) for s in seqs]
         maps = word_attention(self.model.decoder, self.model.vocab, features, texts) if attention else None
         return [

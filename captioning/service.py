@@ -347,6 +347,18 @@ def _version():
     return __version__
 
 
+def warm_up(captioner, max_batch, defaults):
+    """Compile the encoder and the default search for every batch size the batcher can form
+    (powers of two: see graph_search), so no client waits for a compilation."""
+    size, n = captioner.image_size, 1
+    while True:
+        feats = captioner.encode(np.zeros((min(n, max_batch), size, size, 3), np.uint8))
+        captioner.caption_features(feats, *defaults)
+        if n >= max_batch:
+            return
+        n *= 2
+
+
 def serve(model_dir, host="127.0.0.1", port=8000, token=None, limits=Limits(), defaults=(3, 20, 0.0), log=print):
     """Load the model, warm it up, and serve until Ctrl-C / SIGTERM (in-flight requests finish)."""
     import uvicorn
@@ -356,8 +368,7 @@ def serve(model_dir, host="127.0.0.1", port=8000, token=None, limits=Limits(), d
     if host not in LOOPBACK and not token:
         raise CaptioningError(f"--host {host}: reachable from other machines, so a token is required (--token)")
     captioner = Captioner.load(model_dir)
-    warm = np.zeros((1, captioner.image_size, captioner.image_size, 3), np.uint8)
-    captioner.caption_features(captioner.encode(warm), *defaults)  # trace the graphs before the first client
+    warm_up(captioner, limits.max_batch, defaults)
     app = create_app(captioner, limits, token, defaults)
     log(f"serve: {model_dir} on http://{host}:{port}/ (API: POST /caption, docs: /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

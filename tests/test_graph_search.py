@@ -139,7 +139,7 @@ def test_real_decoders_caption_as_the_reference_and_trace_once(decoder):
         search = graph_search(m, vocab, beam, 9)
         step_fn = make_step_fn(m, top_k=beam + 1, end_id=vocab.end_id)
         for n in (1, 7):  # 7 items run as 8 under XLA (padded), and the pad is dropped
-            got = search(m.initial_state(feats[:n]))
+            got = search(feats[:n])
             want = beam_search(
                 step_fn, m.initial_state(feats[:n]), n, beam, 9, vocab.start_id, vocab.end_id,
                 static=step_fn.static, take=step_fn.take,
