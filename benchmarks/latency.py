@@ -108,7 +108,7 @@ def main(model_dir, images, beams, runs, max_length):
         return caption_features(decoder, vocab, feats, beam, max_length, batch_size=1)[0][0]
 
     def graph(path, beam):
-        return captioner.caption([path], beam, max_length)[0].text
+        return captioner.caption([path], beam_size=beam, max_length=max_length)[0].text
 
     enc = encoder_floor(captioner, images[0])
     print(f"{model_dir}: {type(decoder).__name__} {decoder.settings()['units']} units, "

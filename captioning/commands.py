@@ -32,7 +32,24 @@ def main():
 @click.option(
     "--length-penalty", default=0.0, show_default=True, type=click.FloatRange(0, 5), help="score / length**alpha."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image (caption, score, log_prob).")
+@click.option("--n-best", default=1, show_default=True, type=click.IntRange(1, 50), help="Captions per image.")
+@click.option("--groups", default=1, show_default=True, type=click.IntRange(1, 50), help="Diverse beam search groups.")
+@click.option("--diversity", default=0.0, show_default=True, type=click.FloatRange(0), help="Diverse: Hamming penalty.")
+@click.option(
+    "--include",
+    multiple=True,
+    help='Words the caption must contain; one constraint per flag, "|" between alternatives: '
+    '--include "dog|dogs" --include "red shirt".',
+)
+@click.option("--block-trigrams", is_flag=True, help="Never repeat a trigram within a caption.")
+@click.option("--sample", default=0, show_default=True, type=click.IntRange(0, 100), help="Draw N captions instead.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Sampling: the k likeliest only.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Nucleus.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Sampling seed.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per image: caption, score, log_prob, alternatives."
+)
 @click.option(
     "--attention",
     "attention_dir",
@@ -43,20 +60,26 @@ def main():
     "--html", "html_out", type=click.Path(dir_okay=False), help="Write a small page for these images (PNGs beside it)."
 )
 @user_errors
-def caption(images, model_dir, beam_size, max_length, length_penalty, as_json, attention_dir, html_out):
+def caption(images, model_dir, as_json, attention_dir, html_out, **decoding):
     """Print one caption per image, using the trained model and the encoder it was trained on.
 
     A model folder's encoder is rebuilt from its config (backbone, layer, weights file); a bundle
     carries its own. An unreadable image gets an error line naming it; the others are still
     captioned, and the exit status is 1 if any failed. With --attention or --html, also shows
     where the decoder looked for each word (decoders with attention only).
+
+    Steering: --n-best N prints the N best captions (tab-separated; with --json every caption and
+    score); --groups G --diversity L makes G groups of beams that avoid each other's words;
+    --include makes every caption contain the given words or phrases; --sample N draws N captions
+    (--temperature, --top-k, --top-p, --seed).
     """
     quiet_tensorflow()
     from .images import ImageError
-    from .inference import Captioner
+    from .inference import Captioner, Decoding
 
     captioner = Captioner.load(model_dir)
     wants_maps = bool(attention_dir or html_out)
+    Decoding(**decoding)  # bad settings stop here, before any image is read
     if wants_maps and not captioner.attends:
         raise CaptioningError(
             f"{model_dir}: this decoder does not attend (trained with attention off): no maps to draw"
@@ -70,11 +93,13 @@ def caption(images, model_dir, beam_size, max_length, length_penalty, as_json, a
             failed += 1
             click.echo(f"Error: {path}: {e}", err=True)
     if ok:
-        caps = captioner.caption(arrays, beam_size, max_length, length_penalty, attention=wants_maps)
+        caps = captioner.caption(arrays, attention=wants_maps, **decoding)
         for path, cap in zip(ok, caps):
-            line = json.dumps({"image": str(Path(path)), "caption": cap.text, "score": round(cap.score, 6),
-                               "log_prob": round(cap.log_prob, 6)})  # fmt: skip
-            click.echo(line if as_json else f"{path}\t{cap.text}")
+            if as_json:
+                found = {k: v for k, v in cap.to_json().items() if k != "attention"}
+                click.echo(json.dumps({"image": str(Path(path)), **found}))
+            else:
+                click.echo("\t".join([str(path), cap.text, *(a.text for a in cap.alternatives)]))
         if wants_maps:
             write_attention(captioner, ok, caps, attention_dir, html_out)
     if failed:
@@ -187,10 +212,11 @@ def serve(model_dir, host, port, token, beam_size, max_length, max_batch, max_qu
     otherwise, and then requires --token. Ctrl-C or SIGTERM: the requests in flight finish first.
     """
     quiet_tensorflow()
+    from .inference import Decoding
     from .service import Limits
     from .service import serve as run
 
     limits = Limits(
         max_body_bytes=int(max_body_mb * 2**20), max_images=max_images, max_queue=max_queue, max_batch=max_batch
     )
-    run(model_dir, host, port, token, limits, (beam_size, max_length, 0.0), log=click.echo)
+    run(model_dir, host, port, token, limits, Decoding(beam_size, max_length), log=click.echo)

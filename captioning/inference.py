@@ -29,12 +29,56 @@ from .images import ImageError, load_image
 from .model_folder import CONFIG_FILE, ENCODER_FILE, MODEL_FILE, VOCAB_FILE, TrainedModel, load_model
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How to decode: beam search (``beam_size``, ``max_length``, ``length_penalty``), steered
+    (``n_best`` captions, ``groups`` with a ``diversity`` penalty, captions that must ``include``
+    words or phrases, ``block_trigrams``) or sampled (``sample`` captions, ``temperature``,
+    ``top_k``, ``top_p``, ``seed``). See :mod:`captioning.steer`."""
+
+    beam_size: int = 3
+    max_length: int = 20
+    length_penalty: float = 0.0
+    n_best: int = 1
+    groups: int = 1
+    diversity: float = 0.0
+    include: tuple = ()  # constraints: "dog|dogs" (alternatives), "red shirt" (a phrase)
+    block_trigrams: bool = False
+    sample: int = 0  # > 0: draw this many captions per image instead of searching
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "include", tuple(self.include))
+        problems = [
+            (self.beam_size >= 1, "beam_size must be >= 1"),
+            (self.max_length >= 1, "max_length must be >= 1"),
+            (self.length_penalty >= 0, "length_penalty must be >= 0"),
+            (1 <= self.n_best <= self.beam_size or self.sample, "n_best must be between 1 and beam_size"),
+            (self.groups >= 1 and self.diversity >= 0, "groups must be >= 1 and diversity >= 0"),
+            (not (self.groups > 1 and self.include), "groups and include do not combine"),
+            (self.sample >= 0 and self.temperature > 0, "sample must be >= 0 and temperature > 0"),
+            (self.top_k >= 0 and 0 < self.top_p <= 1, "top_k must be >= 0 and 0 < top_p <= 1"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise CaptioningError(f"decoding: {message}")
+
+    @property
+    def steered(self) -> bool:
+        """Whether it needs the host-driven search (steer.py) rather than the compiled one."""
+        return self.n_best > 1 or self.groups > 1 or bool(self.include) or self.block_trigrams or self.sample > 0
+
+
 @dataclasses.dataclass
 class Caption:
     text: str
     score: float  # the search's ranking: log-probability / length**length_penalty
     log_prob: float  # the model's log-probability of the caption (its words and <end>)
     attention: np.ndarray | None = None  # (words, H*W) where the decoder looked for each word, on request
+    alternatives: list = dataclasses.field(default_factory=list)  # the next n-best / sampled captions
 
     @property
     def words(self) -> list[str]:
@@ -44,6 +88,8 @@ class Caption:
         out = {"caption": self.text, "score": round(self.score, 6), "log_prob": round(self.log_prob, 6)}
         if self.attention is not None:
             out["attention"] = np.round(self.attention, 4).tolist()
+        if self.alternatives:
+            out["alternatives"] = [a.to_json() for a in self.alternatives]
         return out
 
 
@@ -90,8 +136,9 @@ class Captioner:
         feats = np.concatenate([self._forward(np.asarray(arrays[i : i + batch_size]))[0].numpy() for i in starts])
         return feats.astype(self.model.feature_dtype).astype(np.float32)
 
-    def caption(self, images, beam_size=3, max_length=20, length_penalty=0.0, attention=False) -> list[Caption]:
-        """One caption per image (see the class docstring); CaptioningError names an unreadable one."""
+    def caption(self, images, attention=False, **decoding) -> list[Caption]:
+        """One caption per image (see the class docstring); ``decoding``: :class:`Decoding`'s
+        fields. CaptioningError names an unreadable image."""
         t0 = time.perf_counter()
         arrays = []
         for i, image in enumerate(images):
@@ -101,31 +148,62 @@ class Captioner:
                 name = image if isinstance(image, str) or hasattr(image, "__fspath__") else f"image {i}"
                 raise CaptioningError(f"{name}: {e}") from None
         t1 = time.perf_counter()
-        feats = self.encode(np.stack(arrays)) if arrays else np.zeros((0, 1, 1), np.float32)
+        feats = self.encode(np.stack(arrays)) if arrays else None
         t2 = time.perf_counter()
-        out = self.caption_features(feats, beam_size, max_length, length_penalty, attention) if arrays else []
+        out = self.caption_features(feats, Decoding(**decoding), attention) if arrays else []
         self.timings = {"read": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}
         return out
 
-    def caption_features(
-        self, features, beam_size=3, max_length=20, length_penalty=0.0, attention=False
-    ) -> list[Caption]:
-        """Captions of (N, L, C) features: the whole search in one graph call."""
+    def caption_features(self, features, decoding: Decoding = Decoding(), attention=False) -> list[Caption]:
+        """Captions of (N, L, C) features: the whole search in one compiled call, or, steered or
+        sampled, the host-driven search of :mod:`captioning.steer`."""
         if attention and not self.attends:
             raise CaptioningError(f"{self.model.folder}: this decoder does not attend: no maps to show")
-        search = self.search(beam_size, max_length, length_penalty)
-        seqs, scores, raw = search(np.asarray(features, np.float32))
-        texts = [self.model.vocab.decode(s) for s in seqs]
-        maps = word_attention(self.model.decoder, self.model.vocab, features, texts) if attention else None
+        features = np.asarray(features, np.float32)
+        if decoding.steered:
+            found = self._steer(features, decoding)
+        else:
+            d = decoding
+            seqs, scores, raw = self.search(d.beam_size, d.max_length, d.length_penalty)(features)
+            found = [[(s, n, r)] for s, n, r in zip(seqs, scores, raw)]
+        vocab = self.model.vocab
+        texts = [vocab.decode(hyps[0][0]) if hyps else "" for hyps in found]
+        maps = word_attention(self.model.decoder, vocab, features, texts) if attention else None
         return [
-            Caption(text, score, lp, None if maps is None else maps[i][1])
-            for i, (text, score, lp) in enumerate(zip(texts, scores, raw))
+            Caption(
+                texts[i],
+                *(hyps[0][1:] if hyps else (float("-inf"), float("-inf"))),
+                attention=None if maps is None else maps[i][1],
+                alternatives=[Caption(vocab.decode(s), n, r) for s, n, r in hyps[1:]],
+            )
+            for i, hyps in enumerate(found)
         ]
+
+    def _steer(self, features, d: Decoding) -> list:
+        """``[[(tokens, score, log_prob), ...] per image]`` by steered beam search or sampling."""
+        from .decode import make_step_fn
+        from .steer import check_constraints, constraint_ids, sample, steered_search
+
+        decoder, vocab = self.model.decoder, self.model.vocab
+        step_fn = make_step_fn(decoder)  # the whole (N, V) log-probs: constraint words at any rank
+        state, n = decoder.initial_state(features), len(features)
+        common = dict(static=step_fn.static, take=step_fn.take)
+        try:
+            if d.sample:
+                found = sample(step_fn, state, n, d.sample, d.max_length, vocab.start_id, vocab.end_id,
+                               d.temperature, d.top_k, d.top_p, d.seed, **common)  # fmt: skip
+            else:
+                constraints = constraint_ids(vocab, d.include)
+                check_constraints(constraints, d.max_length)
+                found = steered_search(step_fn, state, n, d.beam_size, d.max_length, vocab.start_id, vocab.end_id,
+                                       d.length_penalty, d.n_best, d.groups, d.diversity, constraints,
+                                       d.block_trigrams, **common)  # fmt: skip
+        except ValueError as e:
+            raise CaptioningError(f"decoding: {e}") from None
+        return [[(h.tokens, float(h.score), float(h.log_prob)) for h in hyps] for hyps in found]
 
     def search(self, beam_size, max_length, length_penalty=0.0):
         """The compiled search for these settings (built once, then reused)."""
-        if beam_size < 1 or max_length < 1:
-            raise CaptioningError(f"beam_size and max_length must be >= 1 (got {beam_size}, {max_length})")
         key = (int(beam_size), int(max_length), float(length_penalty))
         if key not in self._searches:
             self._searches[key] = graph_search(self.model.decoder, self.model.vocab, *key)

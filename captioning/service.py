@@ -25,6 +25,9 @@ import numpy as np
 
 from .errors import CaptioningError
 from .images import ImageError, load_image
+from .inference import Decoding
+
+DECODING_FIELDS = {f.name for f in dataclasses.fields(Decoding)}
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -75,18 +78,20 @@ def decode_upload(data: bytes, size: int, max_pixels: int, name: str) -> np.ndar
 @dataclasses.dataclass
 class _Job:
     arrays: list  # (S, S, 3) uint8 images
-    settings: tuple  # (beam_size, max_length, length_penalty, attention)
+    settings: tuple  # (Decoding, attention): jobs with equal settings share a search
     future: asyncio.Future
 
 
 class Batcher:
-    """Collects requests for up to ``window`` seconds (or ``max_batch`` images), then captions
-    them together in one worker thread: one encoder call, one search per settings group."""
+    """Collects requests, then captions them together in one worker thread: one encoder call, one
+    search per settings group. It waits for more (up to ``batch_window_ms``, or ``max_batch``
+    images) only while other requests are still being read: a lone client never waits."""
 
     def __init__(self, captioner, limits: Limits):
         self.captioner, self.limits = captioner, limits
         self.queue: asyncio.Queue | None = None
         self.pending = 0  # images accepted and not yet answered
+        self.arriving = 0  # requests being read and decoded: worth waiting for
         self.batches = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption")
         self._task = None
@@ -118,7 +123,7 @@ class Batcher:
             jobs = [await self.queue.get()]
             size = len(jobs[0].arrays)
             deadline = loop.time() + self.limits.batch_window_ms / 1000
-            while size < self.limits.max_batch:
+            while size < self.limits.max_batch and (self.arriving or not self.queue.empty()):
                 try:
                     job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
@@ -151,7 +156,7 @@ class Batcher:
             members = [i for i, job in enumerate(jobs) if job.settings == settings]
             index = [r for i in members for r in rows[i]]
             t1 = time.perf_counter()
-            caps = self.captioner.caption_features(feats[index], *settings)
+            caps = self.captioner.caption_features(feats[index], *settings)  # (decoding, attention)
             search_s = time.perf_counter() - t1
             for i in members:
                 n = len(jobs[i].arrays)
@@ -160,7 +165,7 @@ class Batcher:
         return out
 
 
-def create_app(captioner, limits: Limits = Limits(), token: str | None = None, defaults=(3, 20, 0.0)):
+def create_app(captioner, limits: Limits = Limits(), token: str | None = None, defaults: Decoding = Decoding()):
     """The ASGI app: ``GET /`` (the page), ``GET /health``, ``GET /model``, ``POST /caption``."""
     from contextlib import asynccontextmanager
 
@@ -226,31 +231,53 @@ def create_app(captioner, limits: Limits = Limits(), token: str | None = None, d
             "image_size": captioner.image_size,
             "grid": list(_grid(m.decoder.num_locations)),
             "attention": captioner.attends,
-            "defaults": dict(zip(("beam_size", "max_length", "length_penalty"), defaults)),
+            "defaults": dataclasses.asdict(defaults),
             "limits": dataclasses.asdict(limits),
         }
 
     @app.post("/caption")
     async def caption(
         request: Request,
-        beam_size: int = Query(defaults[0], ge=1, le=20),
-        max_length: int = Query(defaults[1], ge=1, le=100),
-        length_penalty: float = Query(defaults[2], ge=0.0, le=5.0),
-        attention: bool = Query(False),
+        beam_size: int = Query(defaults.beam_size, ge=1, le=20),
+        max_length: int = Query(defaults.max_length, ge=1, le=100),
+        length_penalty: float = Query(defaults.length_penalty, ge=0.0, le=5.0),
+        attention: bool = Query(False, description="per-word attention maps"),
+        n_best: int = Query(1, ge=1, le=20, description="captions per image (at most beam_size)"),
+        groups: int = Query(1, ge=1, le=20, description="diverse beam search: groups of beams"),
+        diversity: float = Query(0.0, ge=0.0, le=10.0, description="diverse beam search: Hamming penalty"),
+        include: list[str] = Query([], description='words the caption must contain: "dog|dogs", "red shirt"'),
+        block_trigrams: bool = Query(False),
+        sample: int = Query(0, ge=0, le=20, description="draw this many captions instead of searching"),
+        temperature: float = Query(1.0, gt=0.0, le=10.0),
+        top_k: int = Query(0, ge=0),
+        top_p: float = Query(1.0, gt=0.0, le=1.0),
+        seed: int = Query(0, ge=0),
     ):
         """Caption the images uploaded as multipart form files (field ``images``, one or more)."""
         check_token(request)
-        uploads = await read_uploads(request, limits.max_images)
-        if attention and not captioner.attends:
-            raise RequestError(400, "this model's decoder does not attend: no attention maps")
-        t0 = time.perf_counter()
-        size = captioner.image_size
-        # PIL decodes outside the event loop (it releases the GIL), so other requests keep flowing.
-        arrays = await run_in_threadpool(
-            lambda: [decode_upload(data, size, limits.max_pixels, name) for name, data in uploads]
-        )
-        read_ms = 1000 * (time.perf_counter() - t0)
-        caps, timings = await batcher.submit(arrays, (beam_size, max_length, length_penalty, attention))
+        batcher.arriving += 1
+        try:
+            settings = {k: v for k, v in locals().items() if k in DECODING_FIELDS}
+            try:
+                decoding = Decoding(**settings)
+            except CaptioningError as e:
+                raise RequestError(422, str(e)) from None
+            if attention and not captioner.attends:
+                raise RequestError(400, "this model's decoder does not attend: no attention maps")
+            uploads = await read_uploads(request, limits.max_images)
+            t0 = time.perf_counter()
+            size = captioner.image_size
+            # PIL decodes outside the event loop (it releases the GIL), so other requests keep flowing.
+            arrays = await run_in_threadpool(
+                lambda: [decode_upload(data, size, limits.max_pixels, name) for name, data in uploads]
+            )
+            read_ms = 1000 * (time.perf_counter() - t0)
+        finally:
+            batcher.arriving -= 1
+        try:
+            caps, timings = await batcher.submit(arrays, (decoding, attention))
+        except CaptioningError as e:  # e.g. a constraint word the model does not know
+            raise RequestError(422, str(e)) from None
         return {
             "captions": [{"filename": name, **c.to_json()} for (name, _), c in zip(uploads, caps)],
             "grid": list(_grid(captioner.model.decoder.num_locations)),
@@ -347,19 +374,19 @@ def _version():
     return __version__
 
 
-def warm_up(captioner, max_batch, defaults):
+def warm_up(captioner, max_batch, defaults: Decoding):
     """Compile the encoder and the default search for every batch size the batcher can form
     (powers of two: see graph_search), so no client waits for a compilation."""
     size, n = captioner.image_size, 1
     while True:
         feats = captioner.encode(np.zeros((min(n, max_batch), size, size, 3), np.uint8))
-        captioner.caption_features(feats, *defaults)
+        captioner.caption_features(feats, defaults)
         if n >= max_batch:
             return
         n *= 2
 
 
-def serve(model_dir, host="127.0.0.1", port=8000, token=None, limits=Limits(), defaults=(3, 20, 0.0), log=print):
+def serve(model_dir, host="127.0.0.1", port=8000, token=None, limits=Limits(), defaults=Decoding(), log=print):
     """Load the model, warm it up, and serve until Ctrl-C / SIGTERM (in-flight requests finish)."""
     import uvicorn
 

@@ -89,3 +89,30 @@ def test_a_missing_or_broken_model_is_a_clear_error(tmp_path):
         Captioner.load(tmp_path / "nope")
     res = CliRunner().invoke(cli, ["caption", "--model", str(tmp_path), "x.jpg"])
     assert res.exit_code == 1 and "captioner.keras: not found" in res.output
+
+
+def test_steered_decoding_through_the_captioner_and_the_command(tiny_run, captioner):
+    root, _ = tiny_run
+    img = sorted((root / "data/shapes/images").glob("*.png"))[0]
+    (plain,) = captioner.caption([img], beam_size=3)
+    (best,) = captioner.caption([img], beam_size=3, n_best=3)
+    assert best.text == plain.text and best.log_prob == pytest.approx(plain.log_prob, abs=1e-5)
+    ranked = [best.score] + [a.score for a in best.alternatives]
+    assert len(best.alternatives) == 2 and ranked == sorted(ranked, reverse=True)
+    assert len({best.text, *(a.text for a in best.alternatives)}) == 3
+    word = next(w for w in captioner.model.vocab.words[4:] if w not in plain.words)
+    (forced,) = captioner.caption([img], include=[word])
+    assert word in forced.words
+    (drawn,) = captioner.caption([img], sample=4, seed=1)
+    assert len(drawn.alternatives) == 3 and captioner.caption([img], sample=4, seed=1)[0] == drawn
+    with pytest.raises(CaptioningError, match="'zebra' is not in the model's vocabulary"):
+        captioner.caption([img], include=["zebra"])
+    with pytest.raises(CaptioningError, match="n_best must be between 1 and beam_size"):
+        captioner.caption([img], beam_size=2, n_best=3)
+    model = str(root / "models_final")
+    out = CliRunner().invoke(cli, ["caption", "--model", model, "--n-best", "2", "--json", str(img)])
+    assert out.exit_code == 0, out.output
+    line = json.loads(out.stdout)
+    assert line["caption"] == plain.text and len(line["alternatives"]) == 1
+    bad = CliRunner().invoke(cli, ["caption", "--model", model, "--include", "zebra", str(img)])
+    assert bad.exit_code == 1 and "'zebra' is not in the model's vocabulary" in bad.output

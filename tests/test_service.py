@@ -89,6 +89,11 @@ def test_round_trip_health_model_info_and_schema(server, captioner, photos):
     assert {"read_ms", "encode_ms", "search_ms", "total_ms"} <= set(body["timings"])
     with_maps = post(server.url, [("a.png", photos[0].read_bytes())], {"attention": "true"}).json()["captions"][0]
     assert len(with_maps["attention"]) == len(with_maps["caption"].split())
+    two = post(server.url, [("a.png", photos[0].read_bytes())], {"n_best": 2, "beam_size": 3}).json()["captions"][0]
+    assert two["caption"] == post(server.url, [("a.png", photos[0].read_bytes())]).json()["captions"][0]["caption"]
+    assert len(two["alternatives"]) == 1
+    unknown = post(server.url, [("a.png", photos[0].read_bytes())], {"include": "zebra"})
+    assert unknown.status_code == 422 and "not in the model's vocabulary" in unknown.json()["error"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     info = httpx.get(f"{server.url}/model").json()
     assert info["decoder"] == "gru" and info["image_size"] == captioner.image_size and info["attention"] is True
