@@ -26,7 +26,11 @@ def main():
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_dir", default="models_final", show_default=True, type=click.Path(), help=MODEL_HELP)
 @click.option(
-    "--beam-size", default=3, show_default=True, type=click.IntRange(1, 50), help="Beams (1: the greedy caption)."
+    "--beam-size",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Beams (1 without a length penalty: greedy).",
 )
 @click.option("--max-length", default=20, show_default=True, type=click.IntRange(1, 200), help="Words at most.")
 @click.option(
@@ -74,8 +78,9 @@ def caption(images, model_dir, as_json, attention_dir, html_out, **decoding):
     (--temperature, --top-k, --top-p, --seed).
     """
     quiet_tensorflow()
+    from .decode import Decoding
     from .images import ImageError
-    from .inference import Captioner, Decoding
+    from .inference import Captioner
 
     captioner = Captioner.load(model_dir)
     wants_maps = bool(attention_dir or html_out)
@@ -212,7 +217,7 @@ def serve(model_dir, host, port, token, beam_size, max_length, max_batch, max_qu
     otherwise, and then requires --token. Ctrl-C or SIGTERM: the requests in flight finish first.
     """
     quiet_tensorflow()
-    from .inference import Decoding
+    from .decode import Decoding
     from .service import Limits
     from .service import serve as run
 

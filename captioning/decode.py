@@ -9,11 +9,57 @@ trip, so it suits one photo or a few).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .beam import Candidates, beam_search
+from .errors import CaptioningError
 
 NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How to decode: beam search (``beam_size``, ``max_length``, ``length_penalty``), steered
+    (``n_best`` captions, ``groups`` with a ``diversity`` penalty, captions that must ``include``
+    words or phrases, ``block_trigrams``) or sampled (``sample`` captions, ``temperature``,
+    ``top_k``, ``top_p``, ``seed``). See :mod:`captioning.steer`."""
+
+    beam_size: int = 3
+    max_length: int = 20
+    length_penalty: float = 0.0
+    n_best: int = 1
+    groups: int = 1
+    diversity: float = 0.0
+    include: tuple = ()  # constraints: "dog|dogs" (alternatives), "red shirt" (a phrase)
+    block_trigrams: bool = False
+    sample: int = 0  # > 0: draw this many captions per image instead of searching
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "include", tuple(self.include))
+        problems = [
+            (self.beam_size >= 1, "beam_size must be >= 1"),
+            (self.max_length >= 1, "max_length must be >= 1"),
+            (self.length_penalty >= 0, "length_penalty must be >= 0"),
+            (1 <= self.n_best <= self.beam_size or self.sample, "n_best must be between 1 and beam_size"),
+            (self.groups >= 1 and self.diversity >= 0, "groups must be >= 1 and diversity >= 0"),
+            (not (self.groups > 1 and self.include), "groups and include do not combine"),
+            (self.sample >= 0 and self.temperature > 0, "sample must be >= 0 and temperature > 0"),
+            (self.top_k >= 0 and 0 < self.top_p <= 1, "top_k must be >= 0 and 0 < top_p <= 1"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise CaptioningError(f"decoding: {message}")
+
+    @property
+    def steered(self) -> bool:
+        """Whether it needs the host-driven search (steer.py) rather than the compiled one."""
+        return self.n_best > 1 or self.groups > 1 or bool(self.include) or self.block_trigrams or self.sample > 0
 
 
 def log_prob_step(decoder):
@@ -141,3 +187,26 @@ def word_attention(decoder, vocab, features, captions):
     _, aux = decoder.forward(tf.constant(features, tf.float32), tf.constant(tokens))
     alphas = np.asarray(aux["attention"])  # (B, T, L); step t generates word t (input: token t-1)
     return [(c.split(), alphas[i, : len(c.split())]) for i, c in enumerate(captions)]
+
+
+def steered(decoder, vocab, features, d: Decoding) -> list:
+    """``[[(tokens, score, log_prob), ...] per image]`` of (N, L, C) ``features`` by steered beam
+    search or sampling (:mod:`captioning.steer`), driven from Python."""
+    from .steer import check_constraints, constraint_ids, sample, steered_search
+
+    step_fn = make_step_fn(decoder)  # the whole (N, V) log-probs: constraint words at any rank
+    state, n = decoder.initial_state(features), len(features)
+    common = dict(static=step_fn.static, take=step_fn.take)
+    try:
+        if d.sample:
+            found = sample(step_fn, state, n, d.sample, d.max_length, vocab.start_id, vocab.end_id,
+                           d.temperature, d.top_k, d.top_p, d.seed, **common)  # fmt: skip
+        else:
+            constraints = constraint_ids(vocab, d.include)
+            check_constraints(constraints, d.max_length)
+            found = steered_search(step_fn, state, n, d.beam_size, d.max_length, vocab.start_id, vocab.end_id,
+                                   d.length_penalty, d.n_best, d.groups, d.diversity, constraints,
+                                   d.block_trigrams, **common)  # fmt: skip
+    except ValueError as e:
+        raise CaptioningError(f"decoding: {e}") from None
+    return [[(h.tokens, float(h.score), float(h.log_prob)) for h in hyps] for hyps in found]

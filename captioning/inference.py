@@ -21,55 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import graph_search, word_attention
+from .decode import Decoding, graph_search, steered, word_attention
 from .encoder import build_encoder, make_forward, preprocess_for
 from .errors import CaptioningError
 from .files import atomic_path
 from .images import ImageError, load_image
 from .model_folder import CONFIG_FILE, ENCODER_FILE, MODEL_FILE, VOCAB_FILE, TrainedModel, load_model
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-    """How to decode: beam search (``beam_size``, ``max_length``, ``length_penalty``), steered
-    (``n_best`` captions, ``groups`` with a ``diversity`` penalty, captions that must ``include``
-    words or phrases, ``block_trigrams``) or sampled (``sample`` captions, ``temperature``,
-    ``top_k``, ``top_p``, ``seed``). See :mod:`captioning.steer`."""
-
-    beam_size: int = 3
-    max_length: int = 20
-    length_penalty: float = 0.0
-    n_best: int = 1
-    groups: int = 1
-    diversity: float = 0.0
-    include: tuple = ()  # constraints: "dog|dogs" (alternatives), "red shirt" (a phrase)
-    block_trigrams: bool = False
-    sample: int = 0  # > 0: draw this many captions per image instead of searching
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "include", tuple(self.include))
-        problems = [
-            (self.beam_size >= 1, "beam_size must be >= 1"),
-            (self.max_length >= 1, "max_length must be >= 1"),
-            (self.length_penalty >= 0, "length_penalty must be >= 0"),
-            (1 <= self.n_best <= self.beam_size or self.sample, "n_best must be between 1 and beam_size"),
-            (self.groups >= 1 and self.diversity >= 0, "groups must be >= 1 and diversity >= 0"),
-            (not (self.groups > 1 and self.include), "groups and include do not combine"),
-            (self.sample >= 0 and self.temperature > 0, "sample must be >= 0 and temperature > 0"),
-            (self.top_k >= 0 and 0 < self.top_p <= 1, "top_k must be >= 0 and 0 < top_p <= 1"),
-        ]
-        for ok, message in problems:
-            if not ok:
-                raise CaptioningError(f"decoding: {message}")
-
-    @property
-    def steered(self) -> bool:
-        """Whether it needs the host-driven search (steer.py) rather than the compiled one."""
-        return self.n_best > 1 or self.groups > 1 or bool(self.include) or self.block_trigrams or self.sample > 0
 
 
 @dataclasses.dataclass
@@ -160,8 +117,9 @@ class Captioner:
         if attention and not self.attends:
             raise CaptioningError(f"{self.model.folder}: this decoder does not attend: no maps to show")
         features = np.asarray(features, np.float32)
+        self.model.decoder.check_max_length(decoding.max_length, "max_length")
         if decoding.steered:
-            found = self._steer(features, decoding)
+            found = steered(self.model.decoder, self.model.vocab, features, decoding)
         else:
             d = decoding
             seqs, scores, raw = self.search(d.beam_size, d.max_length, d.length_penalty)(features)
@@ -178,29 +136,6 @@ class Captioner:
             )
             for i, hyps in enumerate(found)
         ]
-
-    def _steer(self, features, d: Decoding) -> list:
-        """``[[(tokens, score, log_prob), ...] per image]`` by steered beam search or sampling."""
-        from .decode import make_step_fn
-        from .steer import check_constraints, constraint_ids, sample, steered_search
-
-        decoder, vocab = self.model.decoder, self.model.vocab
-        step_fn = make_step_fn(decoder)  # the whole (N, V) log-probs: constraint words at any rank
-        state, n = decoder.initial_state(features), len(features)
-        common = dict(static=step_fn.static, take=step_fn.take)
-        try:
-            if d.sample:
-                found = sample(step_fn, state, n, d.sample, d.max_length, vocab.start_id, vocab.end_id,
-                               d.temperature, d.top_k, d.top_p, d.seed, **common)  # fmt: skip
-            else:
-                constraints = constraint_ids(vocab, d.include)
-                check_constraints(constraints, d.max_length)
-                found = steered_search(step_fn, state, n, d.beam_size, d.max_length, vocab.start_id, vocab.end_id,
-                                       d.length_penalty, d.n_best, d.groups, d.diversity, constraints,
-                                       d.block_trigrams, **common)  # fmt: skip
-        except ValueError as e:
-            raise CaptioningError(f"decoding: {e}") from None
-        return [[(h.tokens, float(h.score), float(h.log_prob)) for h in hyps] for hyps in found]
 
     def search(self, beam_size, max_length, length_penalty=0.0):
         """The compiled search for these settings (built once, then reused)."""

@@ -86,6 +86,16 @@ def policy_logits(logits):
     return tf.where(banned, tf.constant(-1e9, logits.dtype), logits)
 
 
+def policy_mask(seqs, max_length):
+    """(N, T) float mask of the sampled tokens the policy chose: the drawn words and a drawn <end>.
+    The <end> the sampler writes after ``max_length`` words is no action of the policy: it gets no
+    credit or blame."""
+    import tensorflow as tf
+
+    drawn = tf.range(tf.shape(seqs)[1])[None, :] < max_length
+    return tf.cast((seqs > 0) & drawn, tf.float32)
+
+
 def make_sampler(decoder, start_id, end_id, max_length):
     """A compiled function: features (B, L, C), seed (2,) -> sampled ids (B, max_length + 1), 0-padded.
 
@@ -163,7 +173,7 @@ def fine_tune(
     )
     def train_step(feats, seqs, advantage):
         inputs = tf.concat([tf.fill([tf.shape(seqs)[0], 1], vocab.start_id), seqs[:, :-1]], axis=1)
-        mask = tf.cast(seqs > 0, tf.float32)
+        mask = policy_mask(seqs, settings.max_length)
         with tf.GradientTape() as tape:
             # No dropout: the policy that sampled. Only the sampled steps run (packed, for recurrent decoders).
             logits, _ = decoder.forward(feats, inputs, lengths=tf.cast(tf.reduce_sum(mask, axis=1), tf.int32))

@@ -23,9 +23,9 @@ from importlib import resources
 
 import numpy as np
 
+from .decode import Decoding
 from .errors import CaptioningError
 from .images import ImageError, load_image
-from .inference import Decoding
 
 DECODING_FIELDS = {f.name for f in dataclasses.fields(Decoding)}
 

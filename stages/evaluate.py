@@ -11,9 +11,10 @@ from captioning.files import read_json, write_json
 @config.dataclasses.dataclass
 class Params:
     split: str = config.field(choices=("train", "val", "test"))
-    beam_size: int = config.field(lo=1, hi=50)  # 1 = greedy
+    beam_size: int = config.field(lo=1, hi=50)  # 1 with length_penalty 0 = greedy
     max_length: int = config.field(lo=1, hi=200)  # words per generated caption
     length_penalty: float = config.field(lo=0.0, hi=5.0)  # score / length**alpha
+    n_best: int = config.field(lo=1, hi=50)  # captions kept per image (<= beam_size): oracle CIDEr, mBLEU-4
     batch_size: int = config.field(lo=1)
 
 
@@ -31,16 +32,21 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
 
     BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when Stanford CoreNLP 3.6.0 is installed;
     see README), the mean log-probability of the chosen captions, and, when the dataset's
-    records carry scene ground truth (the generated data), object and layout accuracy. Split
-    images the features stage skipped are counted, not captioned.
+    records carry scene ground truth (the generated data), object and layout accuracy. Beside
+    them: the vocabulary the captions use, distinct-1/2, the share not found verbatim among the
+    training captions, mean lengths, and the decoder's teacher-forced next-word accuracy on the
+    split's references; with evaluate.n_best > 1, the n best captions per image (kept in the
+    predictions), oracle CIDEr and mBLEU-4 among them. Split images the features stage skipped
+    are counted, not captioned.
     """
     params = config.load_params(params_file, {"evaluate": Params})
     p, seed = params["evaluate"], params["seed"]
     seed_everything(seed)
-    from captioning.decode import caption_features
+    from captioning.decode import Decoding, caption_features, steered
     from captioning.feature_store import FeatureStore
-    from captioning.metrics import coco_scores
+    from captioning.metrics import among_n, coco_scores, diversity, word_accuracy
     from captioning.model_folder import load_model
+    from captioning.vocab import make_tokenizer
 
     store = FeatureStore(features)
     in_split = [r for r in read_json(dataset)["images"] if r["split"] == p.split]
@@ -48,21 +54,33 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     if not records:
         raise CaptioningError(f"{dataset}: no images with features in the '{p.split}' split")
     model = load_model(model_dir)
+    model.decoder.check_max_length(p.max_length, "evaluate.max_length")
     keys = [r["image"] for r in records]
-    hyps, log_probs = caption_features(
-        model.decoder,
-        model.vocab,
-        store.rows(keys),  # read from disk a batch at a time
-        beam_size=p.beam_size,
-        max_length=p.max_length,
-        length_penalty=p.length_penalty,
-        batch_size=p.batch_size,
-        progress=progress,
-    )
+    rows = store.rows(keys)  # read from disk a batch at a time
+    if p.n_best > 1:  # the n best of each image, by the steered search (one caption per set: n_best)
+        decoding = Decoding(p.beam_size, p.max_length, p.length_penalty, n_best=p.n_best)
+        found = [h for i in range(0, len(keys), p.batch_size) for h in
+                 steered(model.decoder, model.vocab, rows[i : i + p.batch_size], decoding)]  # fmt: skip
+        n_best = [[model.vocab.decode(t) for t, _, _ in hyps] for hyps in found]
+        hyps, log_probs = [c[0] for c in n_best], [hyps[0][2] for hyps in found]
+    else:
+        hyps, log_probs = caption_features(
+            model.decoder, model.vocab, rows, p.beam_size, p.max_length, p.length_penalty, p.batch_size, progress
+        )
     refs = {r["image"]: r["captions"] for r in records}
     by_key = dict(zip(keys, hyps))
     scores, per_image = coco_scores(refs, by_key, log=click.echo, per_image=True)
     scores["mean_log_prob"] = round(sum(log_probs) / len(log_probs), 6)
+    tokenize = make_tokenizer()
+    train = {
+        " ".join(tokenize(c)) for r in read_json(dataset)["images"] if r["split"] == "train" for c in r["captions"]
+    }
+    tokenized = {k: [" ".join(tokenize(c)) for c in v] for k, v in refs.items()}
+    scores.update(diversity(hyps, train, tokenized))
+    pairs = [(i, tokenize(c)) for i, k in enumerate(keys) for c in refs[k]]
+    scores["word_accuracy"] = word_accuracy(model.decoder, model.vocab, rows, pairs, p.max_length)
+    if p.n_best > 1:
+        scores.update(among_n(refs, dict(zip(keys, n_best))))
     if all("truth" in r for r in records):  # the generated data knows what each image shows
         from captioning.shapes import scene_accuracy
 
@@ -74,13 +92,15 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
         beam_size=p.beam_size,
         max_length=p.max_length,
         length_penalty=p.length_penalty,
+        n_best=p.n_best,
     )
     write_json(metrics_out, scores)
     write_json(
         predictions,
         [
             {"image": k, "caption": by_key[k], "log_prob": round(lp, 6), **per_image[k], "references": refs[k]}
-            for k, lp in zip(keys, log_probs)
+            | ({"n_best": n_best[i]} if p.n_best > 1 else {})
+            for i, (k, lp) in enumerate(zip(keys, log_probs))
         ],
     )
     shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float) and k != "length_penalty")

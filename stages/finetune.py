@@ -6,13 +6,14 @@ import click
 
 from captioning import config
 from captioning.cli import seed_everything, user_errors
+from captioning.errors import CaptioningError
 from captioning.files import atomic_path, write_json
 
 
 @config.dataclasses.dataclass
 class Params:
     enabled: bool = config.field()  # false: the cross-entropy model passes through unchanged
-    samples: int = config.field(lo=1, hi=64)  # captions sampled per image
+    samples: int = config.field(lo=1, hi=64)  # captions sampled per image (the mean baseline needs 2)
     baseline: str = config.field(choices=("mean", "greedy"))  # mean of the other samples, or greedy's reward
     batch_size: int = config.field(lo=1)  # images per step
     learning_rate: float = config.field(lo=1e-8, hi=1.0)
@@ -20,6 +21,13 @@ class Params:
     patience: int = config.field(lo=1)  # epochs without a better val CIDEr-D before stopping
     max_length: int = config.field(lo=1, hi=200)  # words per sampled caption
     clip_norm: float = config.field(lo=0.0)
+
+    def validate(self, section):
+        if self.baseline == "mean" and self.samples < 2:
+            raise CaptioningError(
+                f"{section}.samples: the mean baseline averages an image's other samples, so it needs 2 or more"
+                f" (got {self.samples}; or set {section}.baseline: greedy)"
+            )
 
 
 def image_set(store, captions_h5, split):
@@ -75,6 +83,7 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
     from captioning.scst import SCSTSettings, fine_tune
 
     model = load_model(model_dir)
+    model.decoder.check_max_length(p.max_length, "finetune.max_length")
     store = FeatureStore(features)
     train, val = image_set(store, captions, "train"), image_set(store, captions, "val")
     base = len(model.vocab) + 1

@@ -5,6 +5,7 @@ import numpy as np
 
 from captioning import config
 from captioning.cli import seed_everything, user_errors
+from captioning.errors import CaptioningError
 from captioning.files import atomic_path, read_json
 
 
@@ -31,6 +32,13 @@ class Params:
     strategy: str = config.field(choices=("auto", "default", "mirrored", "multi_worker"))  # captioning.distribute
     jit: bool = config.field()  # XLA-compile the training step (one compile per batch shape)
     precision: str = config.field(choices=("float32", "mixed_bfloat16"))  # captioning.decoders.PRECISIONS
+
+    def validate(self, section):
+        if self.attention_reg > 0 and (self.decoder == "transformer" or not self.attention):
+            raise CaptioningError(
+                f"{section}.attention_reg: {self.attention_reg}, but only a recurrent decoder with attention has"
+                " the attention prior it weighs (set it to 0)"
+            )
 
 
 def load_split(store, captions_h5, split):
@@ -88,7 +96,6 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
     from dvclive import Live
 
     from captioning.decoders import DECODERS, build_decoder
-    from captioning.errors import CaptioningError
     from captioning.feature_store import FeatureStore
     from captioning.model_folder import save_model
     from captioning.train import LOGGED, FitSettings, best_epoch_metrics, fit
@@ -108,6 +115,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
         precision=p.precision,
         **{k: getattr(p, k) for k in DECODERS[p.decoder].SETTINGS},
     )
+    model.check_max_length(train_set.tokens.shape[1] - 2, f"{captions} (vocab.max_length)")
     settings = FitSettings(
         batch_size=p.batch_size,
         learning_rate=p.learning_rate,

@@ -67,3 +67,30 @@ def test_spice_availability_in_both_worlds(tmp_path):
     assert spice_available({"SPICE_CORENLP_DIR": str(jars)}, lib=lib) == (True, "")
     assert all((lib / name).resolve() == (jars / name).resolve() for name in CORENLP_JARS)  # linked into place
     assert spice_available({}, lib=lib) == (True, "")  # found in place from now on
+
+
+def test_caption_set_figures_on_a_known_set():
+    from captioning.metrics import diversity
+
+    caps = ["a red circle", "a red square", "a red circle"]
+    got = diversity(caps, train_captions={"a red circle"}, references={"1": ["a b", "a b c d"]})
+    assert got == {
+        "vocab_used": 4,  # a, red, circle, square
+        "distinct_1": round(4 / 9, 6),
+        "distinct_2": round(3 / 6, 6),  # (a red), (red circle), (red square)
+        "novel": round(1 / 3, 6),  # only "a red square" is not a training caption
+        "mean_length": 3.0,
+        "ref_mean_length": 3.0,
+    }
+
+
+def test_oracle_cider_and_mbleu_among_n():
+    from captioning.metrics import among_n
+
+    refs = {"1": ["a small red circle", "a red circle"], "2": ["a large blue square"]}
+    same = among_n(refs, {"1": ["a small red circle on the left"] * 3, "2": ["a large blue square in the middle"] * 3})
+    assert same["mBLEU_4"] == pytest.approx(1.0, abs=1e-6)  # every caption the same: no diversity
+    best_first = coco_scores(refs, {"1": "a small red circle", "2": "a large blue square"}, use_spice=False)
+    mixed = among_n(refs, {"1": ["a dog", "a small red circle"], "2": ["a large blue square", "a cat"]})
+    assert mixed["oracle_CIDEr"] == pytest.approx(best_first["CIDEr"], abs=1e-6)  # the best of each image
+    assert mixed["mBLEU_4"] < 0.01

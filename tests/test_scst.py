@@ -180,3 +180,10 @@ def test_finetune_stage_end_to_end(tiny_run, tmp_path):
     from captioning.model_folder import load_model
 
     assert load_model(tmp_path / "models_final").vocab.words == load_model(root / "models").vocab.words
+
+
+def test_the_forced_end_at_the_word_limit_is_not_in_the_policy_loss():
+    from captioning.scst import policy_mask
+
+    seqs = np.array([[5, 6, 2, 0], [5, 6, 7, 2]])  # max_length 3: the first drew <end>, the second was cut
+    np.testing.assert_array_equal(policy_mask(seqs, 3).numpy(), [[1, 1, 1, 0], [1, 1, 1, 0]])

@@ -43,6 +43,8 @@ def test_stages_end_to_end(tiny_run):
     assert ("SPICE" in metrics) is spice and ("SPICE skipped" in outs["evaluate"]) is not spice
     assert metrics["mean_log_prob"] == pytest.approx(np.mean([p["log_prob"] for p in preds]), abs=1e-6)
     assert metrics["mean_log_prob"] < 0
+    assert 0 < metrics["word_accuracy"] <= 1 and 0 < metrics["distinct_2"] <= 1 and 0 <= metrics["novel"] <= 1
+    assert metrics["vocab_used"] == len({w for p in preds for w in p["caption"].split()})
     assert {
         k: metrics[k]
         for k in ("images", "images_without_features", "split", "beam_size", "max_length", "length_penalty")
@@ -120,6 +122,8 @@ TRAIN_ARGS = [
         ({"train": {"dropout": 1.5}}, "train.dropout: must be <= 0.95, got 1.5"),
         ({"train": {"unit": 3}}, "train.unit: unknown setting"),
         ({"seed": -1}, "seed: must be >= 0"),
+        ({"train": {"decoder": "transformer", "attention_reg": 0.1}}, "train.attention_reg: 0.1, but only a recurrent"),
+        ({"train": {"attention": False, "attention_reg": 0.1}}, "train.attention_reg: 0.1, but only a recurrent"),
     ],
 )
 def test_bad_params_get_one_clear_message(tmp_path, tiny_params, edit, message):
@@ -146,3 +150,29 @@ def test_unknown_split_param(tmp_path, tiny_params):
     args = ["--model", "m", "--features", "f", "--dataset", "d", "--metrics", "m", "--predictions", "p"]
     result = CliRunner().invoke(evaluate.main, ["--params", str(path), *args])
     assert result.exit_code == 1 and "evaluate.split: must be one of train, val, test; got 'tst'" in result.output
+
+
+def test_scst_mean_baseline_needs_two_samples(tmp_path, tiny_params):
+    from stages import finetune
+
+    path, base = tiny_params
+    path.write_text(yaml.safe_dump({**base, "finetune": {**base["finetune"], "enabled": True, "samples": 1}}))
+    args = ["--model", "m", "--features", "f", "--captions", "c", "--out", "o", "--checkpoint", "k", "--live-dir", "l"]
+    result = CliRunner().invoke(finetune.main, ["--params", str(path), *args])
+    assert (
+        result.exit_code == 1
+        and "finetune.samples: the mean baseline averages an image's other samples" in result.output
+    )
+
+
+def test_the_transformer_refuses_captions_longer_than_its_positions():
+    from captioning.decoders import build_decoder
+    from captioning.errors import CaptioningError
+
+    m = build_decoder("transformer", vocab_size=9, feature_dim=4, num_locations=4, embed_dim=4, units=8,
+                      num_layers=1, num_heads=2, dropout=0.0)  # fmt: skip
+    m.check_max_length(63, "evaluate.max_length")  # <start> and 63 words: the 64 positions
+    with pytest.raises(CaptioningError, match="evaluate.max_length: 64 words is more than this TransformerDecoder"):
+        m.check_max_length(64, "evaluate.max_length")
+    build_decoder("gru", vocab_size=9, feature_dim=4, num_locations=4, embed_dim=4, units=8, attention=True,
+                  attention_units=4, dropout=0.0).check_max_length(500, "x")  # fmt: skip

@@ -140,6 +140,17 @@ class Decoder(keras.Model):
 
     SETTINGS: tuple = ()
     STATIC_STATE: tuple = ()
+    MAX_TOKENS: int | None = None  # the longest token sequence it can read (a position table's size)
+
+    def check_max_length(self, max_length, where):
+        """A CaptioningError naming ``where`` when captions of ``max_length`` words are too long."""
+        from ..errors import CaptioningError
+
+        if self.MAX_TOKENS is not None and max_length + 1 > self.MAX_TOKENS:
+            raise CaptioningError(
+                f"{where}: {max_length} words is more than this {type(self).__name__} reads"
+                f" ({self.MAX_TOKENS} positions: <start> and {self.MAX_TOKENS - 1} words)"
+            )
 
     def __init__(self, vocab_size, feature_dim, num_locations, blind=False, **kwargs):
         super().__init__(**kwargs)
