@@ -151,7 +151,7 @@ def _esc(x) -> str:
 
 def page(title, summary: dict, groups: dict, curves: str, note: str = "") -> str:
     """The gallery's HTML. ``groups``: {heading: [panel dict]} with image, caption, references,
-    scores and ``maps`` [(word, png)]."""
+    scores, ``maps`` [(word, png)] and, when evaluate kept several, ``captions`` (the first is ``caption``)."""
     css = (
         "body{font:14px system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}"
         "table.m td,table.m th{padding:2px 10px;text-align:right}.panel{display:flex;gap:16px;"
@@ -184,9 +184,11 @@ def page(title, summary: dict, groups: dict, curves: str, note: str = "") -> str
                 for w, png in p.get("maps", [])
             )
             refs = "".join(f"<li>{_esc(r)}</li>" for r in p.get("references", []))
+            also = "".join(f"<li>{_esc(c)}</li>" for c in p.get("captions", [])[1:])  # its other captions
+            also = f"<div class='score'>also:</div><ol class='nbest' start='2'>{also}</ol>" if also else ""
             parts.append(
                 f"<div class='panel'><img src='{_esc(p['png'])}' width='224' height='224' alt='{_esc(p['image'])}'>"
-                f"<div><div class='caption'>{_esc(p['caption'])}</div><div class='score'>{_esc(p['image'])}"
+                f"<div><div class='caption'>{_esc(p['caption'])}</div>{also}<div class='score'>{_esc(p['image'])}"
                 f"{' · ' + scores if scores else ''}</div><ul class='refs'>{refs}</ul>"
                 f"<div class='maps'>{maps}</div></div></div>"
             )

@@ -15,6 +15,13 @@ class Params:
     max_length: int = config.field(lo=1, hi=200)  # words per generated caption
     length_penalty: float = config.field(lo=0.0, hi=5.0)  # score / length**alpha
     n_best: int = config.field(lo=1, hi=50)  # captions kept per image (<= beam_size): oracle CIDEr, mBLEU-4
+    groups: int = config.field(lo=1, hi=50)  # diverse beam search: groups of beam_size beams, one caption each
+    diversity: float = config.field(lo=0.0, hi=100.0)  # diverse beam search: Hamming penalty
+    block_trigrams: bool = config.field()  # never repeat a trigram within a caption
+    sample: int = config.field(lo=0, hi=100)  # >0: draw this many captions per image instead of searching
+    temperature: float = config.field(lo=0.01, hi=100.0)  # sampling
+    top_k: int = config.field(lo=0)  # sampling: the k likeliest tokens only (0: all)
+    top_p: float = config.field(lo=0.01, hi=1.0)  # sampling: nucleus
     batch_size: int = config.field(lo=1)
 
 
@@ -35,14 +42,18 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     records carry scene ground truth (the generated data), object and layout accuracy. Beside
     them: the vocabulary the captions use, distinct-1/2, the share not found verbatim among the
     training captions, mean lengths, and the decoder's teacher-forced next-word accuracy on the
-    split's references; with evaluate.n_best > 1, the n best captions per image (kept in the
-    predictions), oracle CIDEr and mBLEU-4 among them. Split images the features stage skipped
-    are counted, not captioned.
+    split's references. Steered (evaluate.n_best > 1, evaluate.groups > 1 for diverse beam search,
+    evaluate.sample > 0 for sampling): every image's captions are kept in the predictions, the
+    first is scored, and oracle CIDEr (the best of each image's) and mBLEU-4 among them are added.
+    Split images the features stage skipped are counted, not captioned.
     """
     params = config.load_params(params_file, {"evaluate": Params})
     p, seed = params["evaluate"], params["seed"]
     seed_everything(seed)
     from captioning.decode import Decoding, caption_features, steered
+
+    DECODING = {f.name for f in config.dataclasses.fields(Decoding)}
+    DEFAULTS = {f.name: f.default for f in config.dataclasses.fields(Decoding)}
     from captioning.feature_store import FeatureStore
     from captioning.metrics import among_n, coco_scores, diversity, word_accuracy
     from captioning.model_folder import load_model
@@ -57,12 +68,15 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     model.decoder.check_max_length(p.max_length, "evaluate.max_length")
     keys = [r["image"] for r in records]
     rows = store.rows(keys)  # read from disk a batch at a time
-    if p.n_best > 1:  # the n best of each image, by the steered search (one caption per set: n_best)
-        decoding = Decoding(p.beam_size, p.max_length, p.length_penalty, n_best=p.n_best)
+    decoding = Decoding(
+        **{f: getattr(p, f) for f in DECODING if f in Params.__dataclass_fields__}, seed=seed
+    )  # CaptioningError names a bad combination
+    several = None  # every image's captions (best first; sampled: in draw order) when there are several
+    if decoding.steered:  # n-best, diverse or sampled: the host-driven search of captioning/steer.py
         found = [h for i in range(0, len(keys), p.batch_size) for h in
                  steered(model.decoder, model.vocab, rows[i : i + p.batch_size], decoding)]  # fmt: skip
-        n_best = [[model.vocab.decode(t) for t, _, _ in hyps] for hyps in found]
-        hyps, log_probs = [c[0] for c in n_best], [hyps[0][2] for hyps in found]
+        several = [[model.vocab.decode(t) for t, _, _ in hyps] for hyps in found]
+        hyps, log_probs = [c[0] for c in several], [hyps[0][2] for hyps in found]
     else:
         hyps, log_probs = caption_features(
             model.decoder, model.vocab, rows, p.beam_size, p.max_length, p.length_penalty, p.batch_size, progress
@@ -79,8 +93,8 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     scores.update(diversity(hyps, train, tokenized))
     pairs = [(i, tokenize(c)) for i, k in enumerate(keys) for c in refs[k]]
     scores["word_accuracy"] = word_accuracy(model.decoder, model.vocab, rows, pairs, p.max_length)
-    if p.n_best > 1:
-        scores.update(among_n(refs, dict(zip(keys, n_best))))
+    if several and min(map(len, several)) > 1:
+        scores.update(among_n(refs, dict(zip(keys, several))))
     if all("truth" in r for r in records):  # the generated data knows what each image shows
         from captioning.shapes import scene_accuracy
 
@@ -92,14 +106,14 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
         beam_size=p.beam_size,
         max_length=p.max_length,
         length_penalty=p.length_penalty,
-        n_best=p.n_best,
+        **{f: getattr(p, f) for f in ("n_best", "groups", "diversity", "sample") if getattr(p, f) != DEFAULTS[f]},
     )
     write_json(metrics_out, scores)
     write_json(
         predictions,
         [
             {"image": k, "caption": by_key[k], "log_prob": round(lp, 6), **per_image[k], "references": refs[k]}
-            | ({"n_best": n_best[i]} if p.n_best > 1 else {})
+            | ({"captions": several[i]} if several else {})
             for i, (k, lp) in enumerate(zip(keys, log_probs))
         ],
     )

@@ -194,3 +194,11 @@ def test_caption_cli_writes_attention_panels_and_a_page(tiny_run, tmp_path):
             timeout=60,
         )
         assert caps[0] in out.stdout
+
+
+def test_a_panel_lists_the_other_captions_when_evaluate_kept_several():
+    panel = {"image": "a.png", "png": "a.png", "caption": "a red circle", "references": ["a red circle"]}
+    plain = gallery.page("t", {}, {"Best": [panel]}, "")
+    assert "class='nbest'" not in plain
+    html = gallery.page("t", {}, {"Best": [{**panel, "captions": ["a red circle", "a red disc", "red & round"]}]}, "")
+    assert "<ol class='nbest' start='2'><li>a red disc</li><li>red &amp; round</li></ol>" in html

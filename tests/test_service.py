@@ -2,7 +2,6 @@
 the API round trip, batching under concurrency, every class of bad request, the token, overload,
 graceful shutdown, and the web page in Debian's Chromium (upload and the fake camera)."""
 
-import io
 import json
 import shutil
 import signal
@@ -16,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from benchmarks.bad_requests import bad_requests
 from captioning.service import Limits, create_app
 
 
@@ -72,12 +71,6 @@ def post(url, files, params=None, **kw):
     return httpx.post(f"{url}/caption", files=[("images", f) for f in files], params=params, timeout=60, **kw)
 
 
-def png(array, **kw):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG", **kw)
-    return buf.getvalue()
-
-
 def test_round_trip_health_model_info_and_schema(server, captioner, photos):
     r = post(server.url, [(p.name, p.read_bytes(), "image/png") for p in photos[:2]], {"beam_size": 2})
     assert r.status_code == 200, r.text
@@ -115,56 +108,8 @@ def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(server, c
     assert max(r.json()["timings"]["batch_images"] for r in results) > 1
 
 
-def bad_requests(photo):
-    ok = photo.read_bytes()
-    gif = io.BytesIO()
-    frames = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
-    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
-    rgba = np.zeros((20, 20, 4), np.uint8)
-    rgba[..., 3] = 128
-    cmyk = io.BytesIO()
-    Image.new("CMYK", (20, 20), (0, 50, 100, 0)).save(cmyk, "JPEG")
-    bomb = io.BytesIO()
-    Image.new("1", (20_000, 20_000)).save(bomb, "PNG")  # 400 Mpx in a few kB
-    wide = io.BytesIO()
-    Image.new("L", (8_000, 6_000)).save(wide, "PNG")  # 48 Mpx: over this server's 40 Mpx limit
-    return {  # name -> (request kwargs, expected status)
-        "empty body": ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400),
-        "not an image": ({"files": [("images", ("a.jpg", b"hello, not a photo"))]}, 415),
-        "truncated JPEG": ({"files": [("images", ("t.jpg", _jpeg()[: len(_jpeg()) // 2]))]}, 422),
-        "decompression bomb PNG": ({"files": [("images", ("bomb.png", bomb.getvalue()))]}, 413),
-        "image over the pixel limit": ({"files": [("images", ("wide.png", wide.getvalue()))]}, 413),
-        "body over the limit": ({"files": [("images", ("big.png", b"\0" * (2**20 + 10)))]}, 413),
-        "wrong content type": ({"content": ok, "headers": {"content-type": "image/png"}}, 415),
-        "a path where an image belongs": ({"files": [("images", (None, b"/etc/passwd"))]}, 422),
-        "a URL where an image belongs": ({"files": [("images", (None, b"http://127.0.0.1/x.jpg"))]}, 422),
-        "malformed multipart": (
-            {"content": b"--x\r\nContent-Disposition: form-data\r\n\r\nno end", "headers": _multipart()},
-            400,
-        ),
-        "too many images": ({"files": [("images", ("a.png", ok))] * 5}, 413),
-        "empty file": ({"files": [("images", ("e.png", b""))]}, 400),
-        "bad query": ({"files": [("images", ("a.png", ok))], "params": {"beam_size": 0}}, 422),
-        # valid images of unusual kinds: captioned
-        "animated GIF": ({"files": [("images", ("anim.gif", gif.getvalue()))]}, 200),
-        "CMYK JPEG": ({"files": [("images", ("cmyk.jpg", cmyk.getvalue()))]}, 200),
-        "16-bit PNG": ({"files": [("images", ("16.png", png(np.full((20, 20), 40000, np.uint16))))]}, 200),
-        "alpha PNG": ({"files": [("images", ("rgba.png", png(rgba)))]}, 200),
-    }
-
-
-def _jpeg():
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _multipart():
-    return {"content-type": "multipart/form-data; boundary=x"}
-
-
 def test_every_bad_request_gets_a_clear_4xx_and_the_server_goes_on(server, photos):
-    for name, (kwargs, status) in bad_requests(photos[0]).items():
+    for name, (kwargs, status) in bad_requests(photos[0].read_bytes()).items():
         r = httpx.post(f"{server.url}/caption", timeout=60, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text)
         body = r.json()

@@ -43,7 +43,7 @@ def test_stages_end_to_end(tiny_run):
     assert ("SPICE" in metrics) is spice and ("SPICE skipped" in outs["evaluate"]) is not spice
     assert metrics["mean_log_prob"] == pytest.approx(np.mean([p["log_prob"] for p in preds]), abs=1e-6)
     assert metrics["mean_log_prob"] < 0
-    assert 0 < metrics["word_accuracy"] <= 1 and 0 < metrics["distinct_2"] <= 1 and 0 <= metrics["novel"] <= 1
+    assert 0 < metrics["word_accuracy"] <= 1 and 0 <= metrics["distinct_2"] <= 1 and 0 <= metrics["novel"] <= 1
     assert metrics["vocab_used"] == len({w for p in preds for w in p["caption"].split()})
     assert {
         k: metrics[k]
@@ -176,3 +176,26 @@ def test_the_transformer_refuses_captions_longer_than_its_positions():
         m.check_max_length(64, "evaluate.max_length")
     build_decoder("gru", vocab_size=9, feature_dim=4, num_locations=4, embed_dim=4, units=8, attention=True,
                   attention_units=4, dropout=0.0).check_max_length(500, "x")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "steer, captions",
+    [({"n_best": 2}, 2), ({"groups": 2, "diversity": 1.0, "beam_size": 1}, 2), ({"sample": 3, "top_p": 0.9}, 3)],
+)
+def test_evaluate_keeps_every_caption_of_a_steered_search(tiny_run, tmp_path, steer, captions):
+    root, _ = tiny_run
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"].update(steer)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = ["--params", tmp_path / "params.yaml", "--model", root / "models_final", "--features",
+            root / "data/features.h5", "--dataset", root / "data/dataset.json", "--metrics", tmp_path / "m.json",
+            "--predictions", tmp_path / "p.json", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    preds = json.loads((tmp_path / "p.json").read_text())
+    assert all(len(p["captions"]) == captions and p["captions"][0] == p["caption"] for p in preds)
+    assert 0 <= metrics["mBLEU_4"] <= 1 and metrics["oracle_CIDEr"] >= metrics["CIDEr"] - 1e-6
+    assert {k: metrics[k] for k in steer if k in ("n_best", "groups", "sample")} == {
+        k: v for k, v in steer.items() if k in ("n_best", "groups", "sample")
+    }
