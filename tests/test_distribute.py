@@ -234,6 +234,15 @@ def start_workers(root, params, out, checkpoints):
     return procs
 
 
+def checkpointed_epoch(state) -> int:
+    """The epoch a running worker's checkpoint holds, 0 before the first. The checkpoint folder is
+    replaced atomically by two renames (old aside, new in place), so between them it is absent."""
+    try:
+        return json.loads(state.read_text())["epoch"]
+    except FileNotFoundError:
+        return 0
+
+
 def finish(procs, timeout=300):
     return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
 
@@ -244,7 +253,7 @@ def test_two_workers_on_loopback_match_one_process_fail_clearly_and_resume(data_
     procs = start_workers(data_dir, params, "mw", ["ck_mw", "ck_mw"])
     state = data_dir / "ck_mw/state.json"
     deadline = time.monotonic() + 240
-    while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 2):
+    while checkpointed_epoch(state) < 2:
         assert time.monotonic() < deadline and procs[0].poll() is None, finish(procs)[0][2][-3000:]
         time.sleep(0.02)
     procs[1].send_signal(signal.SIGKILL)
