@@ -77,107 +77,135 @@ def steered_search(
     check_constraints(constraints, max_length)
     if constraints and groups > 1:
         raise ValueError("diverse groups and constraints do not combine (each makes its own sets of beams)")
-    K, T, alpha, C = beam_size, max_length, length_penalty, len(constraints)
-    S = 2**C if C else groups  # sets of beams
-    accepting = [S - 1] if C else list(range(S))
-    greedy = S == 1 and K > 1  # beam.py's extra greedy row
-    R = S * K + greedy  # rows per item
-    row_set = np.repeat(np.arange(S), K)
+    plan = _Plan(beam_size, max_length, length_penalty, n_best, end_id, diversity, constraints, groups)
+    B, R, T = batch_size, plan.R, max_length
     fixed = {i % len(state) for i in static}
-
-    scores = np.full((batch_size, R), -np.inf)  # the model's log-probability of each row's prefix
-    scores[:, 0] = 0.0  # the first beam of the first set (with no constraint met) ...
-    if not C:
-        scores[:, np.arange(S) * K] = 0.0  # ... or of every group
-    if greedy:
-        scores[:, R - 1] = 0.0
-    tokens = np.full((batch_size, R), start_id, np.int64)
-    seqs = [[() for _ in range(R)] for _ in range(batch_size)]
-    finished = [[[] for _ in range(S)] for _ in range(batch_size)]  # per set: (norm, raw, seq), best first
-
-    def finish(b, s, raw, seq, t):
-        pool, norm = finished[b][s], normalised(raw, t, alpha)
-        if any(h[2] == seq for h in pool):  # the greedy row's caption may be a beam's too
-            return
-        at = next((i for i, h in enumerate(pool) if norm > h[0]), len(pool))  # after equals: first found wins
-        if at < n_best:
-            pool.insert(at, (norm, raw, seq))
-            del pool[n_best:]
-
-    def nth_best(b):  # the score the item's open rows must beat, per accepting set: the worst kept
-        return min((finished[b][s][-1][0] if len(finished[b][s]) == n_best else -np.inf) for s in accepting)
-
+    finished = _Finished(plan, B)
+    scores = np.tile(plan.start_scores(), (B, 1))  # (B, R): the model's log-probability of each row's prefix
+    tokens = np.full((B, R), start_id, np.int64)
+    seqs = [[() for _ in range(R)] for _ in range(B)]
     for t in range(1, T + 2):
-        if t == 1:
+        if t == 1:  # every row of an item starts from <start> in the same state: one row each, then copied
             out, state = step_fn(tokens[:, 0], state)
-            first = np.repeat(np.arange(batch_size), R)
-            lp = np.asarray(take_rows(out, first), np.float64).reshape(batch_size, R, -1)
+            first = np.repeat(np.arange(B), R)
+            lp = np.asarray(take_rows(out, first), np.float64).reshape(B, R, -1)
             state = tuple(s if i in fixed else take(s, first) for i, s in enumerate(state))
         else:
             out, state = step_fn(tokens.reshape(-1), state)
-            lp = np.asarray(out, np.float64).reshape(batch_size, R, -1)
-        V = lp.shape[2]
+            lp = np.asarray(out, np.float64).reshape(B, R, -1)
         if block_trigrams:
             lp = _block_trigrams(lp, seqs)
-        keep = np.zeros((batch_size, R), np.int64)
-        new_scores = np.full((batch_size, R), -np.inf)
-        new_tokens = np.full((batch_size, R), end_id, np.int64)
-        new_seqs = [[() for _ in range(R)] for _ in range(batch_size)]
-        for b in range(batch_size):
-            cand = scores[b, :, None] + lp[b]  # (R, V)
-            if greedy:  # the greedy row first: its best token (<end> forced at the last step)
-                g = R - 1
-                w = int(np.argmax(lp[b, g])) if t <= T else end_id
-                raw = cand[g, w]
-                if w == end_id and np.isfinite(raw):
-                    finish(b, 0, raw, seqs[b][g], t)
-                new_scores[b, g] = raw if w != end_id else -np.inf
-                new_tokens[b, g], keep[b, g], new_seqs[b][g] = w, g, seqs[b][g] + (w,)
-            target = _targets(row_set, seqs[b], constraints, V, S, K) if C else None
-            chosen = np.zeros(V)  # diversity: tokens earlier groups chose at this step
-            for s in range(S):
-                if C:  # every row may move here: the candidates whose caption now meets set s
-                    sel = np.where(target == s, cand[: S * K], -np.inf)
-                else:  # a group extends its own beams only
-                    sel = np.full((S * K, V), -np.inf)
-                    sel[s * K : (s + 1) * K] = cand[s * K : (s + 1) * K] - diversity * chosen
-                flat = sel.reshape(-1)
-                if t == T + 1:  # every open beam closes with <end>, best first
-                    if s in accepting:
-                        for r in _rank(sel[:, end_id])[:K]:
-                            if np.isfinite(sel[r, end_id]):
-                                finish(b, s, cand[r, end_id], seqs[b][r], t)
-                    continue
-                top = _rank(flat)[:K]
-                for i in top:  # an <end> among the set's K best closes a caption (beam.py's rule)
-                    r, w = divmod(int(i), V)
-                    if w == end_id and np.isfinite(flat[i]) and s in accepting:
-                        finish(b, s, cand[r, w], seqs[b][r], t)
-                flat = flat.copy()
-                flat[end_id::V] = -np.inf
-                for j, i in enumerate(_rank(flat)[:K]):
-                    r, w = divmod(int(i), V)
-                    row = s * K + j
-                    if np.isfinite(flat[i]):
-                        new_scores[b, row] = cand[r, w]
-                        chosen[w] += 1
-                    new_tokens[b, row], keep[b, row], new_seqs[b][row] = w, r, seqs[b][r] + (w,)
+        steps = [_advance(plan, finished, b, t, scores[b], lp[b], seqs[b]) for b in range(B)]
         if t == T + 1:
             break
-        scores, tokens, seqs = new_scores, new_tokens, new_seqs
-        bound = normalised(scores.max(axis=1), T + 1, alpha) if alpha else scores.max(axis=1)
-        done = np.array([nth_best(b) >= bound[b] for b in range(batch_size)])
+        scores = np.stack([s[0] for s in steps])
+        tokens = np.stack([s[1] for s in steps])
+        keep = np.stack([s[2] for s in steps])
+        seqs = [s[3] for s in steps]
+        bound = normalised(scores.max(axis=1), T + 1, length_penalty) if length_penalty else scores.max(axis=1)
+        done = np.array([finished.bar(b) >= bound[b] for b in range(B)])
         scores[done] = -np.inf  # done items stop growing
         if done.all():
             break
-        rows = (np.arange(batch_size)[:, None] * R + keep).reshape(-1)
+        rows = (np.arange(B)[:, None] * R + keep).reshape(-1)
         state = tuple(s if i in fixed else take(s, rows) for i, s in enumerate(state))
+    return [finished.results(b) for b in range(B)]
 
-    out = []
-    for b in range(batch_size):
-        pool = sorted((h for s in accepting for h in finished[b][s]), key=lambda h: -h[0])  # stable
-        out.append([Hypothesis(list(seq), norm, raw) for norm, raw, seq in pool])
-    return out
+
+class _Plan:
+    """The search's layout: ``S`` sets of ``K`` beams (groups, or one per subset of constraints
+    met), then beam.py's greedy row where there is one set."""
+
+    def __init__(self, K, T, alpha, n_best, end_id, diversity, constraints, groups):
+        self.K, self.T, self.alpha, self.n_best, self.end_id = K, T, alpha, n_best, end_id
+        self.diversity, self.constraints = diversity, constraints
+        C = len(constraints)
+        self.S = 2**C if C else groups
+        self.accepting = [self.S - 1] if C else list(range(self.S))
+        self.greedy = self.S == 1 and K > 1
+        self.R = self.S * K + self.greedy  # rows per item
+        self.row_set = np.repeat(np.arange(self.S), K)
+
+    def start_scores(self):
+        """(R,): 0 for the rows that start (a set's first beam; every group's), -inf elsewhere."""
+        scores = np.full(self.R, -np.inf)
+        scores[0] = 0.0  # the first beam of the first set (no constraint met) ...
+        if not self.constraints:
+            scores[np.arange(self.S) * self.K] = 0.0  # ... or of every group
+        if self.greedy:
+            scores[-1] = 0.0
+        return scores
+
+
+class _Finished:
+    """Each item's finished captions per set, best first, at most ``n_best`` (ties: first found)."""
+
+    def __init__(self, plan, batch_size):
+        self.plan = plan
+        self.pools = [[[] for _ in range(plan.S)] for _ in range(batch_size)]  # (norm, raw, seq)
+
+    def add(self, b, s, raw, seq, t):
+        pool, norm = self.pools[b][s], normalised(raw, t, self.plan.alpha)
+        if any(h[2] == seq for h in pool):  # the greedy row's caption may be a beam's too
+            return
+        at = next((i for i, h in enumerate(pool) if norm > h[0]), len(pool))  # after equals: first found wins
+        if at < self.plan.n_best:
+            pool.insert(at, (norm, raw, seq))
+            del pool[self.plan.n_best :]
+
+    def bar(self, b):
+        """The score item b's open rows must beat: per accepting set its n-th best, the lowest."""
+        n = self.plan.n_best
+        return min((self.pools[b][s][-1][0] if len(self.pools[b][s]) == n else -np.inf) for s in self.plan.accepting)
+
+    def results(self, b):
+        pool = sorted((h for s in self.plan.accepting for h in self.pools[b][s]), key=lambda h: -h[0])  # stable
+        return [Hypothesis(list(seq), norm, raw) for norm, raw, seq in pool]
+
+
+def _advance(plan, finished, b, t, scores, lp, seqs):
+    """One step of item b: ``(scores, tokens, parents, seqs)`` of its next rows, finishing the
+    captions that end (``lp``: (R, V) log-probs of its rows' next tokens)."""
+    K, S, R, end_id = plan.K, plan.S, plan.R, plan.end_id
+    V = lp.shape[1]
+    cand = scores[:, None] + lp  # (R, V)
+    new_scores, new_tokens = np.full(R, -np.inf), np.full(R, end_id, np.int64)
+    keep, new_seqs = np.zeros(R, np.int64), [() for _ in range(R)]
+    if plan.greedy:  # the greedy row first: its best token (<end> forced at the last step)
+        g = R - 1
+        w = int(np.argmax(lp[g])) if t <= plan.T else end_id
+        if w == end_id and np.isfinite(cand[g, w]):
+            finished.add(b, 0, cand[g, w], seqs[g], t)
+        new_scores[g] = cand[g, w] if w != end_id else -np.inf
+        new_tokens[g], keep[g], new_seqs[g] = w, g, seqs[g] + (w,)
+    target = _targets(plan.row_set, seqs, plan.constraints, V, S, K) if plan.constraints else None
+    chosen = np.zeros(V)  # diversity: tokens earlier groups chose at this step
+    for s in range(S):
+        if target is not None:  # every row may move here: the candidates whose caption now meets set s
+            sel = np.where(target == s, cand[: S * K], -np.inf)
+        else:  # a group extends its own beams only
+            sel = np.full((S * K, V), -np.inf)
+            sel[s * K : (s + 1) * K] = cand[s * K : (s + 1) * K] - plan.diversity * chosen
+        if t == plan.T + 1:  # every open beam closes with <end>, best first
+            for r in _rank(sel[:, end_id])[:K] if s in plan.accepting else ():
+                if np.isfinite(sel[r, end_id]):
+                    finished.add(b, s, cand[r, end_id], seqs[r], t)
+            continue
+        flat = sel.reshape(-1)
+        for i in _rank(flat)[:K]:  # an <end> among the set's K best closes a caption (beam.py's rule)
+            r, w = divmod(int(i), V)
+            if w == end_id and np.isfinite(flat[i]) and s in plan.accepting:
+                finished.add(b, s, cand[r, w], seqs[r], t)
+        flat = flat.copy()
+        flat[end_id::V] = -np.inf
+        for j, i in enumerate(_rank(flat)[:K]):  # the set's next beams: its K best that do not end
+            r, w = divmod(int(i), V)
+            row = s * K + j
+            if np.isfinite(flat[i]):
+                new_scores[row] = cand[r, w]
+                chosen[w] += 1
+            new_tokens[row], keep[row], new_seqs[row] = w, r, seqs[r] + (w,)
+    return new_scores, new_tokens, keep, new_seqs
 
 
 def _targets(row_set, seqs, constraints, V, S, K):
