@@ -12,6 +12,7 @@
 #   bash benchmarks/flickr8k.sh lstm             # LSTM + soft attention (Show, Attend and Tell)
 #   bash benchmarks/flickr8k.sh lstm-noatt       # LSTM, no attention (Show and Tell)
 #   bash benchmarks/flickr8k.sh transformer      # 2-layer Transformer decoder, 4 heads
+#   bash benchmarks/flickr8k.sh scst             # the headline run, then SCST for CIDEr-D (finetune defaults)
 set -euo pipefail
 variant=${1:-attention}
 extra=()
@@ -22,7 +23,8 @@ case "$variant" in
   lstm) extra=(-S train.decoder=lstm) ;;
   lstm-noatt) extra=(-S train.decoder=lstm -S train.attention=false) ;;
   transformer) extra=(-S train.decoder=transformer -S train.units=1024 -S train.num_layers=2 -S train.num_heads=4) ;;
-  *) echo "unknown variant $variant (attention | noatt | blind | lstm | lstm-noatt | transformer)" >&2; exit 2 ;;
+  scst) extra=(-S finetune.enabled=true) ;;
+  *) echo "unknown variant $variant (attention | noatt | blind | lstm | lstm-noatt | transformer | scst)" >&2; exit 2 ;;
 esac
 dvc exp run -n "flickr8k-$variant" \
   -S dataset.captions=../shared/data/flickr8k/captions.txt \

@@ -72,7 +72,13 @@ class Captioner:
     def _network(model):
         if model.encoder_file:
             return load_encoder_file(model.encoder_file), preprocess_for(model.encoder)
-        return build_encoder(model.encoder)
+        try:
+            return build_encoder(model.encoder)
+        except CaptioningError as e:
+            raise CaptioningError(
+                f"{e} ({model.folder} rebuilds its encoder from settings that name the weights as the pipeline"
+                " saw them: run where the pipeline ran, or export a bundle there with `captioning export`)"
+            ) from None
 
     @property
     def image_size(self) -> int:

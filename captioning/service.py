@@ -297,7 +297,7 @@ async def read_uploads(request, max_images) -> list:
     try:
         form = await request.form(max_files=max_images + 1, max_fields=max_images + 8)
     except Exception as e:  # starlette's parser errors: malformed multipart, too many parts
-        raise RequestError(400, f"malformed multipart body: {e}") from None
+        raise RequestError(400, f"malformed multipart body: {getattr(e, 'detail', e)}") from None
     uploads, texts = [], []
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
