@@ -18,6 +18,8 @@ scored -inf and never finish again) instead of leaving it; for the small batches
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 
@@ -38,68 +40,7 @@ def graph_beam_search(step, state, beam_size, max_length, start_id, end_id, leng
     denom = tf.constant([float(n) ** length_penalty if length_penalty else 1.0 for n in range(T + 2)], tf.float64)
     B = tf.shape(state[0])[0]
     neg = tf.constant(float("-inf"), tf.float64)
-
-    def bookkeep(t, log_probs, c):
-        """One step of the reference's search on (B * G, V) ``log_probs``; ``c``: the carry."""
-        V = log_probs.shape[-1] or tf.shape(log_probs)[-1]
-        k = min(K + 1, V) if isinstance(V, int) else tf.minimum(K + 1, V)
-        best = tf.math.top_k(log_probs, k)  # equal values: lower id first, as the reference
-        words = tf.reshape(best.indices, (B, G, -1))  # (B, G, k)
-        cand = c["scores"][:, :, None] + tf.reshape(tf.cast(best.values, tf.float64), (B, G, -1))
-        ends = c["scores"] + tf.reshape(tf.cast(log_probs[:, end_id], tf.float64), (B, G))  # (B, G)
-        last = tf.equal(t, T + 1)  # only <end> may follow now: every row closes
-        length = tf.cast(t - 1, tf.int32)  # words in a caption that ends at step t
-
-        def finish(c, ok, raw, seq):  # the reference's finish(): strictly better replaces
-            norm = tf.where(ok, raw / denom[t], neg)
-            better = norm > c["best_norm"]
-            c["best_norm"] = tf.where(better, norm, c["best_norm"])
-            c["best_raw"] = tf.where(better, raw, c["best_raw"])
-            c["best_seq"] = tf.where(better[:, None], seq, c["best_seq"])
-            c["best_len"] = tf.where(better, length, c["best_len"])
-            return c
-
-        c = dict(c)
-        # The greedy row first (the reference finishes it before the beams): its best token.
-        g_tok = tf.where(last, end_id, words[:, G - 1, 0])
-        g_score = tf.where(last, ends[:, G - 1], cand[:, G - 1, 0])
-        if G > K:
-            c = finish(c, tf.equal(g_tok, end_id) & tf.math.is_finite(g_score), g_score, c["seqs"][:, G - 1])
-
-        # Beams that end, best first: the first such is the step's best (same length, so the
-        # same order after normalisation). At the last step every beam closes with <end>.
-        flat = tf.reshape(cand[:, :K], (B, -1))  # (B, K * k), beam-major as the reference ranks them
-        flat_words = tf.reshape(words[:, :K], (B, -1))
-        top = tf.math.top_k(flat, K)
-        ending = tf.equal(tf.gather(flat_words, top.indices, batch_dims=1), end_id) & tf.math.is_finite(top.values)
-        first = tf.reduce_min(tf.where(ending, tf.range(K)[None], K), axis=1)  # (B,): K where none ends
-        pick = tf.minimum(first, K - 1)
-        b_score = tf.gather(top.values, pick, batch_dims=1)
-        b_beam = tf.gather(top.indices, pick, batch_dims=1) // tf.shape(words)[2]
-        closing = tf.math.top_k(ends[:, :K], 1)  # the last step: the best closing beam
-        b_ok = tf.where(last, tf.math.is_finite(closing.values[:, 0]), first < K)
-        b_score = tf.where(last, closing.values[:, 0], b_score)
-        b_beam = tf.where(last, closing.indices[:, 0], b_beam)
-        c = finish(c, b_ok, b_score, tf.gather(c["seqs"], b_beam, batch_dims=1))
-
-        # The next beams: the K best continuations that do not end; greedy goes its own way.
-        top = tf.math.top_k(tf.where(tf.equal(flat_words, end_id), neg, flat), K)
-        parents = top.indices // tf.shape(words)[2]  # (B, K)
-        tokens = tf.gather(flat_words, top.indices, batch_dims=1)
-        scores = top.values
-        if G > K:
-            parents = tf.concat([parents, tf.fill((B, 1), K)], axis=1)
-            tokens = tf.concat([tokens, g_tok[:, None]], axis=1)
-            scores = tf.concat([scores, tf.where(tf.equal(g_tok, end_id), neg, g_score)[:, None]], axis=1)
-        seqs = tf.gather(c["seqs"], parents, batch_dims=1)  # (B, G, T): position t-1 is still 0
-        c["seqs"] = seqs + tf.one_hot(length, T, dtype=tf.int32)[None, None, :] * tokens[:, :, None]
-        # An item is done when its best beats every continuation of its open rows (or at the end).
-        bound = tf.reduce_max(scores, axis=1) / denom[T + 1]
-        c["done"] = (c["best_norm"] >= bound) | last
-        c["scores"] = tf.where(c["done"][:, None], neg, scores)
-        c["tokens"] = tokens
-        keep = tf.reshape(tf.range(B)[:, None] * G + parents, [-1])  # the rows the next step extends
-        return c, keep
+    shape = _Shape(K, T, G, B, end_id, denom, neg)
 
     def reorder(state, rows):
         return tuple(s if i in fixed else tf.gather(s, rows) for i, s in enumerate(state))
@@ -119,7 +60,7 @@ def graph_beam_search(step, state, beam_size, max_length, start_id, end_id, leng
     # The first step once per item (every row starts from <start> in the same state), then copied.
     log_probs, state = step(tf.fill((B,), start_id), state)
     first = tf.repeat(tf.range(B), G)
-    carry, keep = bookkeep(tf.constant(1), tf.gather(log_probs, first), carry)
+    carry, keep = _bookkeep(shape, tf.constant(1), tf.gather(log_probs, first), carry)
     state = reorder(reorder(state, first), keep)
 
     def cond(t, carry, state):
@@ -127,7 +68,7 @@ def graph_beam_search(step, state, beam_size, max_length, start_id, end_id, leng
 
     def body(t, carry, state):
         log_probs, state = step(tf.reshape(carry["tokens"], [-1]), state)
-        carry, keep = bookkeep(t, log_probs, carry)
+        carry, keep = _bookkeep(shape, t, log_probs, carry)
         return t + 1, carry, reorder(state, keep)
 
     grows = tuple(tf.TensorShape([None] * s.shape.rank) for s in state)  # a Transformer's cache grows
@@ -136,6 +77,81 @@ def graph_beam_search(step, state, beam_size, max_length, start_id, end_id, leng
         cond, body, (tf.constant(2), carry, state), shape_invariants=(tf.TensorShape([]), items, grows)
     )
     return carry["best_seq"], carry["best_len"], carry["best_norm"], carry["best_raw"]
+
+
+class _Shape(NamedTuple):
+    K: int  # beams
+    T: int  # max_length
+    G: int  # rows per item: the beams and the greedy row
+    B: object  # items (a scalar tensor)
+    end_id: int
+    denom: object  # (T + 2,) float64: length**length_penalty
+    neg: object  # -inf, float64
+
+
+def _bookkeep(shape, t, log_probs, c):
+    """One step of the reference's search on (B * G, V) ``log_probs``; ``c``: the carry (a dict of
+    tensors). Returns the new carry and the rows of the state the next step extends."""
+    K, T, G, B, end_id, denom, neg = shape
+    V = log_probs.shape[-1] or tf.shape(log_probs)[-1]
+    k = min(K + 1, V) if isinstance(V, int) else tf.minimum(K + 1, V)
+    best = tf.math.top_k(log_probs, k)  # equal values: lower id first, as the reference
+    words = tf.reshape(best.indices, (B, G, -1))  # (B, G, k)
+    cand = c["scores"][:, :, None] + tf.reshape(tf.cast(best.values, tf.float64), (B, G, -1))
+    ends = c["scores"] + tf.reshape(tf.cast(log_probs[:, end_id], tf.float64), (B, G))  # (B, G)
+    last = tf.equal(t, T + 1)  # only <end> may follow now: every row closes
+    length = tf.cast(t - 1, tf.int32)  # words in a caption that ends at step t
+
+    def finish(c, ok, raw, seq):  # the reference's finish(): strictly better replaces
+        norm = tf.where(ok, raw / denom[t], neg)
+        better = norm > c["best_norm"]
+        c["best_norm"] = tf.where(better, norm, c["best_norm"])
+        c["best_raw"] = tf.where(better, raw, c["best_raw"])
+        c["best_seq"] = tf.where(better[:, None], seq, c["best_seq"])
+        c["best_len"] = tf.where(better, length, c["best_len"])
+        return c
+
+    c = dict(c)
+    # The greedy row first (the reference finishes it before the beams): its best token.
+    g_tok = tf.where(last, end_id, words[:, G - 1, 0])
+    g_score = tf.where(last, ends[:, G - 1], cand[:, G - 1, 0])
+    if G > K:
+        c = finish(c, tf.equal(g_tok, end_id) & tf.math.is_finite(g_score), g_score, c["seqs"][:, G - 1])
+
+    # Beams that end, best first: the first such is the step's best (same length, so the
+    # same order after normalisation). At the last step every beam closes with <end>.
+    flat = tf.reshape(cand[:, :K], (B, -1))  # (B, K * k), beam-major as the reference ranks them
+    flat_words = tf.reshape(words[:, :K], (B, -1))
+    top = tf.math.top_k(flat, K)
+    ending = tf.equal(tf.gather(flat_words, top.indices, batch_dims=1), end_id) & tf.math.is_finite(top.values)
+    first = tf.reduce_min(tf.where(ending, tf.range(K)[None], K), axis=1)  # (B,): K where none ends
+    pick = tf.minimum(first, K - 1)
+    b_score = tf.gather(top.values, pick, batch_dims=1)
+    b_beam = tf.gather(top.indices, pick, batch_dims=1) // tf.shape(words)[2]
+    closing = tf.math.top_k(ends[:, :K], 1)  # the last step: the best closing beam
+    b_ok = tf.where(last, tf.math.is_finite(closing.values[:, 0]), first < K)
+    b_score = tf.where(last, closing.values[:, 0], b_score)
+    b_beam = tf.where(last, closing.indices[:, 0], b_beam)
+    c = finish(c, b_ok, b_score, tf.gather(c["seqs"], b_beam, batch_dims=1))
+
+    # The next beams: the K best continuations that do not end; greedy goes its own way.
+    top = tf.math.top_k(tf.where(tf.equal(flat_words, end_id), neg, flat), K)
+    parents = top.indices // tf.shape(words)[2]  # (B, K)
+    tokens = tf.gather(flat_words, top.indices, batch_dims=1)
+    scores = top.values
+    if G > K:
+        parents = tf.concat([parents, tf.fill((B, 1), K)], axis=1)
+        tokens = tf.concat([tokens, g_tok[:, None]], axis=1)
+        scores = tf.concat([scores, tf.where(tf.equal(g_tok, end_id), neg, g_score)[:, None]], axis=1)
+    seqs = tf.gather(c["seqs"], parents, batch_dims=1)  # (B, G, T): position t-1 is still 0
+    c["seqs"] = seqs + tf.one_hot(length, T, dtype=tf.int32)[None, None, :] * tokens[:, :, None]
+    # An item is done when its best beats every continuation of its open rows (or at the end).
+    bound = tf.reduce_max(scores, axis=1) / denom[T + 1]
+    c["done"] = (c["best_norm"] >= bound) | last
+    c["scores"] = tf.where(c["done"][:, None], neg, scores)
+    c["tokens"] = tokens
+    keep = tf.reshape(tf.range(B)[:, None] * G + parents, [-1])  # the rows the next step extends
+    return c, keep
 
 
 def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=(), jit=True, init=None):

@@ -170,10 +170,7 @@ def create_app(captioner, limits: Limits = Limits(), token: str | None = None, d
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+    from fastapi.responses import HTMLResponse
 
     batcher = Batcher(captioner, limits)
 
@@ -187,22 +184,7 @@ def create_app(captioner, limits: Limits = Limits(), token: str | None = None, d
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
 
-    def error(status, message, headers=None):
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request, e: RequestError):
-        return error(e.status, e.message, e.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        return error(e.status_code, str(e.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "query")
-        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+    install_error_handlers(app)
 
     def check_token(request: Request):
         if token is None:
@@ -255,36 +237,67 @@ def create_app(captioner, limits: Limits = Limits(), token: str | None = None, d
     ):
         """Caption the images uploaded as multipart form files (field ``images``, one or more)."""
         check_token(request)
-        batcher.arriving += 1
-        try:
-            settings = {k: v for k, v in locals().items() if k in DECODING_FIELDS}
-            try:
-                decoding = Decoding(**settings)
-            except CaptioningError as e:
-                raise RequestError(422, str(e)) from None
-            if attention and not captioner.attends:
-                raise RequestError(400, "this model's decoder does not attend: no attention maps")
-            uploads = await read_uploads(request, limits.max_images)
-            t0 = time.perf_counter()
-            size = captioner.image_size
-            # PIL decodes outside the event loop (it releases the GIL), so other requests keep flowing.
-            arrays = await run_in_threadpool(
-                lambda: [decode_upload(data, size, limits.max_pixels, name) for name, data in uploads]
-            )
-            read_ms = 1000 * (time.perf_counter() - t0)
-        finally:
-            batcher.arriving -= 1
-        try:
-            caps, timings = await batcher.submit(arrays, (decoding, attention))
-        except CaptioningError as e:  # e.g. a constraint word the model does not know
-            raise RequestError(422, str(e)) from None
-        return {
-            "captions": [{"filename": name, **c.to_json()} for (name, _), c in zip(uploads, caps)],
-            "grid": list(_grid(captioner.model.decoder.num_locations)),
-            "timings": {"read_ms": read_ms, **timings, "total_ms": 1000 * (time.perf_counter() - t0)},
-        }
+        settings = {k: v for k, v in locals().items() if k in DECODING_FIELDS}
+        return await caption_request(request, captioner, batcher, limits, settings, attention)
 
     return app
+
+
+def install_error_handlers(app):
+    """Every error a client causes as a 4xx with a one-line JSON ``{"error": ...}``."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def error(status, message, headers=None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return error(e.status, e.message, e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "query")
+        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+
+async def caption_request(request, captioner, batcher, limits, settings, attention) -> dict:
+    """``POST /caption``: read and decode the uploads, then caption them in the batcher's next batch."""
+    from starlette.concurrency import run_in_threadpool
+
+    batcher.arriving += 1  # the batcher waits for requests still being read
+    try:
+        try:
+            decoding = Decoding(**settings)
+        except CaptioningError as e:
+            raise RequestError(422, str(e)) from None
+        if attention and not captioner.attends:
+            raise RequestError(400, "this model's decoder does not attend: no attention maps")
+        uploads = await read_uploads(request, limits.max_images)
+        t0 = time.perf_counter()
+        size = captioner.image_size
+        # PIL decodes outside the event loop (it releases the GIL), so other requests keep flowing.
+        arrays = await run_in_threadpool(
+            lambda: [decode_upload(data, size, limits.max_pixels, name) for name, data in uploads]
+        )
+        read_ms = 1000 * (time.perf_counter() - t0)
+    finally:
+        batcher.arriving -= 1
+    try:
+        caps, timings = await batcher.submit(arrays, (decoding, attention))
+    except CaptioningError as e:  # e.g. a constraint word the model does not know
+        raise RequestError(422, str(e)) from None
+    return {
+        "captions": [{"filename": name, **c.to_json()} for (name, _), c in zip(uploads, caps)],
+        "grid": list(_grid(captioner.model.decoder.num_locations)),
+        "timings": {"read_ms": read_ms, **timings, "total_ms": 1000 * (time.perf_counter() - t0)},
+    }
 
 
 async def read_uploads(request, max_images) -> list:
