@@ -51,6 +51,16 @@ class Decoding:
             (not (self.groups > 1 and self.include), "groups and include do not combine"),
             (self.sample >= 0 and self.temperature > 0, "sample must be >= 0 and temperature > 0"),
             (self.top_k >= 0 and 0 < self.top_p <= 1, "top_k must be >= 0 and 0 < top_p <= 1"),
+            # settings that would be silently ignored
+            (
+                self.sample or (self.temperature, self.top_k, self.top_p) == (1.0, 0, 1.0),
+                "temperature, top_k and top_p need sample > 0",
+            ),
+            (
+                not (self.sample and (self.n_best > 1 or self.groups > 1 or self.include)),
+                "sample does not combine with n_best, groups or include",
+            ),
+            (self.groups > 1 or not self.diversity, "diversity needs groups > 1"),
         ]
         for ok, message in problems:
             if not ok:

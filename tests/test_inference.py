@@ -109,6 +109,9 @@ def test_steered_decoding_through_the_captioner_and_the_command(tiny_run, captio
         captioner.caption([img], include=["zebra"])
     with pytest.raises(CaptioningError, match="n_best must be between 1 and beam_size"):
         captioner.caption([img], beam_size=2, n_best=3)
+    for ignored, message in [({"temperature": 0.5}, "need sample > 0"), ({"diversity": 0.5}, "needs groups > 1")]:
+        with pytest.raises(CaptioningError, match=message):  # a setting that would do nothing is refused
+            captioner.caption([img], **ignored)
     model = str(root / "models_final")
     out = CliRunner().invoke(cli, ["caption", "--model", model, "--n-best", "2", "--json", str(img)])
     assert out.exit_code == 0, out.output
