@@ -167,7 +167,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tiny_run, photos):
     port = free_port()
     model = str(tiny_run[0] / "models_final")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "captioning", "serve", "--model", model, "--port", str(port)],
+        [sys.executable, "-m", "captioning", "serve", "--model", model, "--port", str(port), "--max-batch", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

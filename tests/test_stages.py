@@ -180,7 +180,7 @@ def test_the_transformer_refuses_captions_longer_than_its_positions():
 
 @pytest.mark.parametrize(
     "steer, captions",
-    [({"n_best": 2}, 2), ({"groups": 2, "diversity": 1.0, "beam_size": 1}, 2), ({"sample": 3, "top_p": 0.9}, 3)],
+    [({"groups": 2, "diversity": 1.0, "n_best": 2}, 4), ({"sample": 3, "top_p": 0.9}, 3)],
 )
 def test_evaluate_keeps_every_caption_of_a_steered_search(tiny_run, tmp_path, steer, captions):
     root, _ = tiny_run
