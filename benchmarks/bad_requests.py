@@ -11,9 +11,6 @@ asserts the same catalogue's expected statuses.
 import io
 import os
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,6 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from benchmarks.serving import running_server  # noqa: E402
 
 
 def png(array, **kw):
@@ -97,21 +96,8 @@ def stalled(port):
 def main(model_dir, photo):
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "captioning", "serve", "--model", model_dir, "--port", str(port)]
-    server = subprocess.Popen([*cmd, "--max-body-mb", "1", "--max-images", "4"], stderr=subprocess.DEVNULL)
     ok = Path(photo).read_bytes()
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    with running_server(model_dir, "--max-body-mb", "1", "--max-images", "4") as (url, _):
         print("| request | status | expected | answer | next request |")
         print("|---|---|---|---|---|")
         for name, (kwargs, want) in bad_requests(ok).items():
@@ -120,12 +106,9 @@ def main(model_dir, photo):
             answer = body.get("error") or body["captions"][0]["caption"]
             after = httpx.post(f"{url}/caption", files=[("images", ("ok.jpg", ok))], timeout=60).status_code
             print(f"| {name} | {r.status_code} | {want} | {answer} | {after} |")
-        status, body = stalled(port)
+        status, body = stalled(int(url.rsplit(":", 1)[1]))
         after = httpx.post(f"{url}/caption", files=[("images", ("ok.jpg", ok))], timeout=60).status_code
         print(f"| a client that never finishes its body | {status} | 408 | {body} | {after} |")
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 if __name__ == "__main__":

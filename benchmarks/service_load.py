@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks.serving import running_server  # noqa: E402
 
 MAX_REQUESTS = 200_000  # per level: a bound on the loop besides its time
 
@@ -125,7 +124,6 @@ def camera_fps(url, seconds):
 @click.option("--soak", default=600, show_default=True, type=int, help="Seconds at 16 clients (0: none).")
 @click.option("--camera", default=15, show_default=True, type=int, help="Seconds of camera mode (0: none).")
 def main(model_dir, image_dir, n_images, levels, seconds, soak, camera):
-    import httpx
 
     from captioning.inference import Captioner
 
@@ -150,20 +148,7 @@ def main(model_dir, image_dir, n_images, levels, seconds, soak, camera):
     print(f"{model_dir}: in-process one photo {1000 * in_process:.1f} ms (median of 30); "
           f"offline batched {offline:.1f} images/s over {len(arrays)} photos (32 at a time)")  # fmt: skip
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "captioning", "serve", "--model", model_dir, "--port", str(port), "--max-queue", "512"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    with running_server(model_dir, "--max-queue", "512") as (url, server):
         solo = load(url, photos, 1, seconds, server.pid)
         print(f"one client: median {solo['p50']:.1f} ms = {solo['p50'] / 1000 / in_process:.2f}x in-process; "
               f"{solo['images_s']:.1f} images/s")  # fmt: skip
@@ -189,9 +174,6 @@ def main(model_dir, image_dir, n_images, levels, seconds, soak, camera):
             print(f"soak, 16 clients, {soak} s: {r['requests']} requests, {r['errors']} errors, {r['busy']} 503, "
                   f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, {r['images_s']:.1f} images/s; RSS per minute (MB): "
                   f"{', '.join(f'{m:.0f}' for m in minutes)}; last / second minute {last / second:.3f}")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 if __name__ == "__main__":
