@@ -55,6 +55,7 @@ def bad_requests(ok: bytes) -> dict:
             {"content": b"--x\r\nContent-Disposition: form-data\r\n\r\nno end", "headers": _multipart()},
             400,
         ),
+        "multipart without a boundary": ({"content": ok, "headers": {"content-type": "multipart/form-data"}}, 400),
         "too many images": ({"files": [("images", ("a.png", ok))] * 5}, 413),
         "empty file": ({"files": [("images", ("e.png", b""))]}, 400),
         "bad query": ({"files": [("images", ("a.png", ok))], "params": {"beam_size": 0}}, 422),

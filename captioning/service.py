@@ -303,13 +303,15 @@ async def caption_request(request, captioner, batcher, limits, settings, attenti
 async def read_uploads(request, max_images) -> list:
     """``[(filename, bytes)]`` of the request's multipart files; RequestError for anything else."""
     from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
 
     kind = request.headers.get("content-type", "")
     if not kind.startswith("multipart/form-data"):
         raise RequestError(415, f"send multipart/form-data with image files (got {kind or 'no content type'!r})")
     try:
         form = await request.form(max_files=max_images + 1, max_fields=max_images + 8)
-    except Exception as e:  # starlette's parser errors: malformed multipart, too many parts
+    except (HTTPException, MultiPartException, ValueError, KeyError) as e:  # malformed, too many parts, no boundary
         raise RequestError(400, f"malformed multipart body: {getattr(e, 'detail', e)}") from None
     uploads, texts = [], []
     for key, value in form.multi_items():
