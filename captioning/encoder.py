@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from .errors import CaptioningError
-from .feature_store import BACKBONES, EncoderSpec, hash_features, square_grid
+from .feature_store import BACKBONES, MODEL_FILE_SUFFIX, EncoderSpec, hash_features, is_model_file, square_grid
 from .files import atomic_path, write_json
 from .images import ImageError, load_image
 
@@ -36,6 +36,8 @@ def build_encoder(spec: EncoderSpec):
     """``(model, preprocess)``: image batch (B, S, S, 3) in 0..255 -> feature map (B, h, w, C)."""
     import keras
 
+    if is_model_file(spec.backbone):
+        return load_model_file(spec), preprocess_for(spec)
     preprocess = preprocess_for(spec)  # checks the backbone's name too
     ctor = getattr(keras.applications, BACKBONES[spec.backbone][0])
     if spec.weights == "none":
@@ -54,19 +56,86 @@ def build_encoder(spec: EncoderSpec):
         raise CaptioningError(f"cannot build {spec.backbone} with image_size={spec.image_size}: {e}") from None
     except OSError as e:
         raise CaptioningError(f"{weights}: cannot load encoder weights: {e}") from None
+    return _feature_model(base, spec, spec.backbone), preprocess
+
+
+def _feature_model(base, spec: EncoderSpec, name):
+    """``base`` cut at ``spec``'s layer ("" = its output), checked to give a (B, h, w, C) map."""
+    import keras
+
     try:
-        out = base.get_layer(spec.resolved_layer()).output
+        out = base.get_layer(spec.resolved_layer()).output if spec.resolved_layer() else base.outputs[0]
     except ValueError:
-        raise CaptioningError(f"{spec.backbone} has no layer named {spec.resolved_layer()!r}") from None
-    return keras.Model(base.input, out, name=f"{spec.backbone}_encoder"), preprocess
+        raise CaptioningError(f"{name} has no layer named {spec.resolved_layer()!r}") from None
+    if len(out.shape) != 4:
+        where = f"layer {spec.resolved_layer()!r}" if spec.resolved_layer() else "output"
+        raise CaptioningError(
+            f"{name}: its {where} has shape {tuple(out.shape)}, not a (batch, height, width, channels) feature map"
+            " (features.layer picks an inner layer)"
+        )
+    return keras.Model(base.inputs[0], out, name=f"{Path(name).stem}_encoder")
+
+
+def model_file_hash(path) -> str:
+    """sha256 of a model file's bytes (recorded in the spec: a different file is a different encoder)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise CaptioningError(f"{path}: encoder model file not found") from None
+    return h.hexdigest()
+
+
+def make_spec(backbone, weights, layer, image_size, alpha, seed) -> EncoderSpec:
+    """The spec for these settings; a model file's content hash is read now."""
+    file_hash = model_file_hash(backbone) if is_model_file(backbone) else ""
+    return EncoderSpec(backbone, weights, layer, image_size, alpha, seed, file_hash)
+
+
+def load_model_file(spec: EncoderSpec):
+    """The CNN of a ``.keras`` file (Keras safe mode: no code runs from the file), cut at
+    ``spec.layer``. Its own first layers do any input scaling: it takes RGB 0..255."""
+    path = spec.backbone
+    if spec.weights != "none":
+        raise CaptioningError(f"{path}: a model file holds its own weights; set features.weights to none")
+    if spec.file_hash and model_file_hash(path) != spec.file_hash:
+        raise CaptioningError(f"{path}: not the file these features were made with (its sha256 differs)")
+    base = load_encoder_file(path)
+    shape = tuple(base.inputs[0].shape[1:])
+    if len(shape) != 3 or shape[-1] not in (None, 3):
+        raise CaptioningError(f"{path}: takes inputs of shape {shape}, not (height, width, 3) RGB images")
+    if shape[:2] not in ((None, None), (spec.image_size, spec.image_size)):
+        raise CaptioningError(f"{path}: takes {shape[0]}x{shape[1]} images; set features.image_size to {shape[0]}")
+    return _feature_model(base, spec, path)
+
+
+def load_encoder_file(path):
+    """A Keras model file's network (Keras safe mode: no code runs from the file)."""
+    import keras
+
+    if not Path(path).is_file():
+        raise CaptioningError(f"{path}: encoder model file not found")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except (ValueError, OSError, TypeError) as e:
+        raise CaptioningError(f"{path}: not a Keras model this version can load ({e})") from None
 
 
 def preprocess_for(spec: EncoderSpec):
-    """The backbone's own input scaling (Keras applications' ``preprocess_input``)."""
+    """The backbone's own input scaling (Keras applications' ``preprocess_input``); none for a
+    model file, which scales its input itself."""
     import keras
 
+    if is_model_file(spec.backbone):
+        return lambda x: x
     if spec.backbone not in BACKBONES:
-        raise CaptioningError(f"unknown backbone {spec.backbone!r} (expected one of {', '.join(BACKBONES)})")
+        raise CaptioningError(
+            f"unknown backbone {spec.backbone!r} (expected one of {', '.join(BACKBONES)}, or a {MODEL_FILE_SUFFIX} file)"
+        )
     return getattr(keras.applications, BACKBONES[spec.backbone][1]).preprocess_input
 
 

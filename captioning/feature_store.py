@@ -16,39 +16,54 @@ import numpy as np
 
 from .errors import CaptioningError
 
-# backbone -> (keras.applications constructor, preprocess module, default feature layer)
+# backbone -> (keras.applications constructor, preprocess module, default feature layer; "" = the output)
 BACKBONES = {
     "vgg16": ("VGG16", "vgg16", "block5_conv3"),
     "resnet50": ("ResNet50", "resnet50", "conv5_block3_out"),
+    "resnet101": ("ResNet101", "resnet", "conv5_block3_out"),
     "inceptionv3": ("InceptionV3", "inception_v3", "mixed10"),
     "xception": ("Xception", "xception", "block14_sepconv2_act"),
     "mobilenet": ("MobileNet", "mobilenet", "conv_pw_13_relu"),
+    "efficientnetv2s": ("EfficientNetV2S", "efficientnet_v2", "top_activation"),
+    "efficientnetv2b0": ("EfficientNetV2B0", "efficientnet_v2", "top_activation"),
+    "convnext_tiny": ("ConvNeXtTiny", "convnext", ""),  # "": the model's output (its final norm)
 }
+MODEL_FILE_SUFFIX = ".keras"  # features.backbone may name such a file: any Keras CNN (see encoder.py)
+
+
+def is_model_file(backbone: str) -> bool:
+    """Whether ``backbone`` names a Keras model file rather than a built-in table entry."""
+    return str(backbone).endswith(MODEL_FILE_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
     """Everything needed to rebuild an encoder exactly (stored as HDF5 attributes)."""
 
-    backbone: str = "vgg16"
+    backbone: str = "vgg16"  # a BACKBONES entry, or a path to a .keras model file
     weights: str = "none"  # "imagenet", "none" (random init from seed) or a weights file path
-    layer: str = ""  # "" = the backbone's last convolutional block
+    layer: str = ""  # "" = the backbone's last convolutional block (a model file: its output)
     image_size: int = 224
     alpha: float = 1.0  # MobileNet width multiplier
     seed: int = 0
+    file_hash: str = ""  # a model file's sha256: another file at the same path is another encoder
 
     def resolved_layer(self) -> str:
+        if is_model_file(self.backbone):
+            return self.layer
         return self.layer or BACKBONES[self.backbone][2]
 
     def attrs(self) -> dict:
         d = dataclasses.asdict(self)
         d["layer"] = self.resolved_layer()
+        if not d["file_hash"]:  # a built-in backbone: nothing to record
+            del d["file_hash"]
         return d
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> EncoderSpec:
         """The spec stored by :meth:`attrs` (in a features file or a model's config)."""
-        return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
 
 def square_grid(num_locations: int) -> tuple:

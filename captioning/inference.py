@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import Decoding, graph_search, steered, word_attention
-from .encoder import build_encoder, make_forward, preprocess_for
+from .encoder import build_encoder, load_encoder_file, make_forward, preprocess_for
 from .errors import CaptioningError
 from .files import atomic_path
 from .images import ImageError, load_image
@@ -165,13 +165,3 @@ def export_bundle(model_dir, out) -> Path:
             shutil.copy2(Path(model_dir) / name, tmp / name)
         network.save(tmp / ENCODER_FILE)
     return Path(out)
-
-
-def load_encoder_file(path):
-    """A bundle's encoder network (Keras safe mode: no code runs from the file)."""
-    import keras
-
-    try:
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
-    except (ValueError, OSError, TypeError) as e:
-        raise CaptioningError(f"{path}: not a Keras model this version can load ({e})") from None

@@ -10,9 +10,9 @@ from captioning.files import read_json, write_json
 
 @config.dataclasses.dataclass
 class Params:
-    backbone: str = config.field(choices=tuple(encoder.BACKBONES))
+    backbone: str = config.field()  # an encoder.BACKBONES entry, or a path to a .keras model file
     weights: str = config.field()  # imagenet | none (random init from seed) | path to a .h5 file
-    layer: str = config.field()  # feature layer; empty = the backbone's last conv block
+    layer: str = config.field()  # feature layer; empty = the backbone's last conv block (a file: its output)
     image_size: int = config.field(lo=32, hi=1024)
     alpha: float = config.field(choices=(0.25, 0.5, 0.75, 1.0))  # MobileNet width
     batch_size: int = config.field(lo=1, hi=4096)
@@ -21,6 +21,11 @@ class Params:
     shards: list[int] = config.field()  # [0, 1, ..., N-1]: one features@I stage per shard (dvc.yaml matrix)
 
     def validate(self, section):
+        if self.backbone not in encoder.BACKBONES and not encoder.is_model_file(self.backbone):
+            raise CaptioningError(
+                f"{section}.backbone: expected one of {', '.join(encoder.BACKBONES)} or a path to a"
+                f" {encoder.MODEL_FILE_SUFFIX} file; got {self.backbone!r}"
+            )
         if self.shards != list(range(len(self.shards))) or not self.shards:
             raise CaptioningError(f"{section}.shards: expected [0, 1, ..., N-1], got {self.shards}")
 
@@ -52,9 +57,7 @@ def main(params_file, dataset, images, shard, out, report, progress):
     keys = [r["image"] for r in read_json(dataset)["images"]]
     if not keys:
         raise CaptioningError(f"{dataset}: no images")
-    spec = encoder.EncoderSpec(
-        backbone=p.backbone, weights=p.weights, layer=p.layer, image_size=p.image_size, alpha=p.alpha, seed=seed
-    )
+    spec = encoder.make_spec(p.backbone, p.weights, p.layer, p.image_size, p.alpha, seed)
     rep = encoder.extract_features(
         spec,
         images,
