@@ -96,6 +96,7 @@ class FitSettings:
     epochs: int = 10
     patience: int = 3  # epochs without val-loss improvement before stopping
     attention_reg: float = 0.01  # weight of the decoder's own loss term (the attention prior)
+    label_smoothing: float = 0.0  # the training loss's target: (1 - eps) one-hot + eps / V (val loss: plain)
     clip_norm: float = 5.0
     seed: int = 0
     bucket: int = 0  # batches per length-sorting pool (0 or 1: plain shuffle); see batching.py
@@ -332,7 +333,7 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
             # and cut at this replica's; row i's mask is the same for any padded size (tested).
             padded = tf.shape(tokens)[0] * replicas
             logits, aux = forward(feats, inputs, targets, RowSeed(seed, rows[0], padded))
-            ce_sum, count = masked_cross_entropy_sum(logits, targets, aux.get("index"))
+            ce_sum, count = masked_cross_entropy_sum(logits, targets, aux.get("index"), settings.label_smoothing)
             loss = ce_sum / norm
             if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
                 share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows

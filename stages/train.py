@@ -21,6 +21,7 @@ class Params:
     num_heads: int = config.field(lo=1, hi=64)
     dropout: float = config.field(lo=0.0, hi=0.95)
     attention_reg: float = config.field(lo=0.0)  # weight of the decoder's own term (the attention prior)
+    label_smoothing: float = config.field(lo=0.0, hi=0.5)  # training targets (1 - eps) one-hot + eps / V
     batch_size: int = config.field(lo=1)
     learning_rate: float = config.field(lo=1e-7, hi=1.0)
     lr_decay: float = config.field(lo=0.01, hi=1.0)  # learning rate multiplier per epoch
@@ -123,6 +124,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
         epochs=p.epochs,
         patience=p.patience,
         attention_reg=p.attention_reg,
+        label_smoothing=p.label_smoothing,
         clip_norm=p.clip_norm,
         seed=seed,
         bucket=p.bucket,

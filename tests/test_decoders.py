@@ -86,6 +86,27 @@ def test_padding_is_masked_out_of_the_loss():
     assert float(masked_cross_entropy(logits + noise, targets)) > base + 1
 
 
+def test_label_smoothing_on_a_scripted_case():
+    """Two real tokens over a 3-word vocabulary, one padded step: the smoothed target is
+    (1 - eps) one-hot + eps / 3, worked out by hand; packed logits give the same sum."""
+    probs = np.array([[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]]])  # (1, 3, 3)
+    logits, targets = tf.constant(np.log(probs), tf.float32), tf.constant([[1, 2, 0]])
+    eps = 0.1
+    by_hand = sum(
+        (1 - eps) * -np.log(p[t]) + eps * -np.log(p).mean() for p, t in ((probs[0, 0], 1), (probs[0, 1], 2))
+    )
+    total, count = masked_cross_entropy_sum(logits, targets, smoothing=eps)
+    assert float(count) == 2 and float(total) == pytest.approx(by_hand, rel=1e-6)
+    index = tf.constant([[0, 0], [0, 1]])
+    packed, _ = masked_cross_entropy_sum(tf.gather_nd(logits, index), targets, index, smoothing=eps)
+    assert float(packed) == pytest.approx(by_hand, rel=1e-6)
+    plain, _ = masked_cross_entropy_sum(logits, targets)  # eps = 0: the plain cross-entropy
+    assert float(plain) == pytest.approx(-np.log(0.25) - np.log(0.6), rel=1e-6)
+    # A uniform prediction is what smoothing pulls towards: its loss does not depend on eps.
+    flat = tf.zeros((1, 3, 3))
+    assert float(masked_cross_entropy_sum(flat, targets, smoothing=0.3)[0]) == pytest.approx(2 * np.log(3), rel=1e-6)
+
+
 def test_coverage_term_is_zero_for_uniform_coverage():
     mask = tf.ones((1, 4))  # 4 real tokens over 4 locations, each looked at once: coverage == share == 1
     assert float(coverage_term(tf.constant(np.eye(4, dtype="float32")[None]), mask)) == pytest.approx(0.0)

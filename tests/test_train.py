@@ -150,6 +150,27 @@ def test_every_decoder_trains_through_the_same_loop(tmp_path, decoder):
     assert losses[-1] < losses[0] * 0.7, losses
 
 
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_label_smoothing_trains_and_spreads_the_predictions(tmp_path):
+    """The same run with eps = 0.2: it learns (val loss, plain cross-entropy, falls) and its most
+    likely words get less mass than the unsmoothed model gives them."""
+    train, val = toy_sets()
+    peaks = []
+    for eps in (0.0, 0.2):
+        m = make_model()
+        settings = dataclasses.replace(SETTINGS, label_smoothing=eps)
+        state = fit(m, train, val, settings, tmp_path / str(eps), progress=False, log=lambda s: None)
+        losses = [h["val_loss"] for h in state["history"]]
+        assert losses[-1] < losses[0] * 0.8, losses
+        logits, _ = m.forward(val.features[val.image_rows[:16]], val.tokens[:16, :-1])
+        peaks.append(float(np.mean(np.max(softmax(logits.numpy()), axis=-1))))
+    assert peaks[1] < peaks[0] - 0.02, peaks
+
+
 def test_same_seed_same_weights(tmp_path):
     train, val = toy_sets()
     weights = []

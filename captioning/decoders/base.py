@@ -85,19 +85,29 @@ def dropout(x, rate, seed, packed=None):
     return tf.where(keep, x * tf.constant(1 / (1 - rate), x.dtype), tf.zeros((), x.dtype))
 
 
-def masked_cross_entropy_sum(logits, targets, index=None):
+def masked_cross_entropy_sum(logits, targets, index=None, smoothing=0.0):
     """``(summed cross-entropy, count)`` over the real tokens (targets > 0; 0 is <pad>), in float32
     whatever the logits' dtype (mixed precision).
 
     ``index`` (N, 2): ``logits`` (N, V) are packed, the (row, step) positions of the real tokens
     (a forward pass's ``aux["index"]``); else (B, T, V) like ``targets`` (B, T).
+    ``smoothing`` eps > 0: the cross-entropy against the smoothed target (1 - eps) * one-hot + eps / V
+    (label smoothing, Szegedy et al. 2016): a model is no longer pushed to put all its mass on
+    one word where the captions of an image disagree.
     """
     logits = tf.cast(logits, tf.float32)
     if index is not None:  # every row is a real token: no mask, no padding rows in the softmax
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.gather_nd(targets, index), logits=logits)
+        labels, mask = tf.gather_nd(targets, index), None
+    else:
+        labels, mask = targets, tf.cast(targets > 0, logits.dtype)  # (B, T)
+    if smoothing > 0:
+        log_p = tf.nn.log_softmax(logits, axis=-1)
+        nll = -tf.gather(log_p, labels, batch_dims=labels.shape.rank)  # (N,) or (B, T)
+        ce = (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(log_p, axis=-1)
+    else:
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    if mask is None:
         return tf.reduce_sum(ce), tf.cast(tf.shape(ce)[0], tf.float32)
-    mask = tf.cast(targets > 0, logits.dtype)  # (B, T)
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)  # (B, T)
     return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
 
 
