@@ -134,7 +134,8 @@ def preprocess_for(spec: EncoderSpec):
         return lambda x: x
     if spec.backbone not in BACKBONES:
         raise CaptioningError(
-            f"unknown backbone {spec.backbone!r} (expected one of {', '.join(BACKBONES)}, or a {MODEL_FILE_SUFFIX} file)"
+            f"unknown backbone {spec.backbone!r}"
+            f" (expected one of {', '.join(BACKBONES)}, or a {MODEL_FILE_SUFFIX} file)"
         )
     return getattr(keras.applications, BACKBONES[spec.backbone][1]).preprocess_input
 

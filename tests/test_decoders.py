@@ -92,9 +92,7 @@ def test_label_smoothing_on_a_scripted_case():
     probs = np.array([[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]]])  # (1, 3, 3)
     logits, targets = tf.constant(np.log(probs), tf.float32), tf.constant([[1, 2, 0]])
     eps = 0.1
-    by_hand = sum(
-        (1 - eps) * -np.log(p[t]) + eps * -np.log(p).mean() for p, t in ((probs[0, 0], 1), (probs[0, 1], 2))
-    )
+    by_hand = sum((1 - eps) * -np.log(p[t]) + eps * -np.log(p).mean() for p, t in ((probs[0, 0], 1), (probs[0, 1], 2)))
     total, count = masked_cross_entropy_sum(logits, targets, smoothing=eps)
     assert float(count) == 2 and float(total) == pytest.approx(by_hand, rel=1e-6)
     index = tf.constant([[0, 0], [0, 1]])
