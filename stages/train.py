@@ -11,7 +11,7 @@ from captioning.files import atomic_path, read_json
 
 @config.dataclasses.dataclass
 class Params:
-    decoder: str = config.field(choices=("gru", "lstm", "transformer"))  # captioning.decoders.DECODERS
+    decoder: str = config.field()  # a captioning.decoders.DECODERS entry
     attention: bool = config.field()  # soft attention over the feature map; false = image as initial state
     blind: bool = config.field()  # zero the image features (the no-image baseline)
     embed_dim: int = config.field(lo=1)
@@ -35,10 +35,20 @@ class Params:
     precision: str = config.field(choices=("float32", "mixed_bfloat16"))  # captioning.decoders.PRECISIONS
 
     def validate(self, section):
-        if self.attention_reg > 0 and (self.decoder == "transformer" or not self.attention):
+        from captioning.decoders import DECODERS
+
+        if self.decoder not in DECODERS:
+            raise CaptioningError(f"{section}.decoder: must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+        cls = DECODERS[self.decoder]
+        optional = "attention" in cls.SETTINGS  # else the decoder reads the image only through attention
+        if not optional and not self.attention:
             raise CaptioningError(
-                f"{section}.attention_reg: {self.attention_reg}, but only a recurrent decoder with attention has"
-                " the attention prior it weighs (set it to 0)"
+                f"{section}.attention: the {self.decoder} decoder reads the image only through attention; set it true"
+            )
+        if self.attention_reg > 0 and not (cls.ATTENTION_PRIOR and self.attention):
+            raise CaptioningError(
+                f"{section}.attention_reg: {self.attention_reg}, but the {self.decoder} decoder"
+                f"{' without attention' if optional else ''} has no attention prior to weigh (set it to 0)"
             )
 
 
@@ -76,7 +86,7 @@ def load_split(store, captions_h5, split):
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @user_errors
 def main(params_file, features, vocab_file, captions, model_dir, checkpoint, live_dir, progress):
-    """Train a caption decoder (train.decoder: gru, lstm or transformer) on cached CNN features.
+    """Train a caption decoder (train.decoder: gru, lstm, transformer or updown) on cached CNN features.
 
     Masked cross-entropy plus the decoder's own term (the doubly stochastic attention prior
     for the recurrent decoders with attention), early stopping on val loss, best weights kept.
@@ -102,8 +112,6 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
     from captioning.train import LOGGED, FitSettings, best_epoch_metrics, fit
     from captioning.vocab import Vocabulary
 
-    if p.decoder == "transformer" and not p.attention:
-        raise CaptioningError("train.attention: the transformer reads the image only through attention; set it true")
     store = FeatureStore(features)
     voc = Vocabulary.from_json(read_json(vocab_file))
     train_set, val_set = load_split(store, captions, "train"), load_split(store, captions, "val")

@@ -196,7 +196,7 @@ def test_enough_beams_equal_brute_force_and_beam_never_loses_to_greedy(n_tokens,
         assert all(g <= e[0] + 1e-12 for g, e in zip(got, exact))
 
 
-@pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer"])
+@pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer", "updown"])
 def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(decoder):
     """The image parts of the state (STATIC_STATE) go to the step once per item, not per beam, and
     the step picks each row's best tokens itself (top_k): the same captions and scores as the
@@ -227,7 +227,7 @@ def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(
         assert kept == got
 
 
-@pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer"])
+@pytest.mark.parametrize("decoder", ["gru", "lstm", "transformer", "updown"])
 def test_the_step_is_traced_once_for_every_row_count(decoder):
     """The search calls the step with one row per image, then beam + 1 rows, then fewer as images
     finish (and the Transformer's state grows a step each call): one graph serves them all."""

@@ -14,8 +14,9 @@ VARIANTS = {  # name -> (decoder, settings)
     "lstm": ("lstm", {"attention": True, "attention_units": 3}),
     "lstm-noatt": ("lstm", {"attention": False, "attention_units": 3}),
     "transformer": ("transformer", {"num_layers": 2, "num_heads": 2}),
+    "updown": ("updown", {"attention_units": 3}),
 }
-ATTENTIVE = ["gru", "lstm", "transformer"]
+ATTENTIVE = ["gru", "lstm", "transformer", "updown"]
 
 
 def tiny(variant="gru", **kw):
@@ -134,7 +135,7 @@ def test_extra_loss_is_the_attention_prior_where_there_is_attention(variant):
     m = tiny(variant)
     _, aux = m.forward(FEATS, TOKENS[:, :-1])
     mask = tf.cast(TOKENS[:, 1:] > 0, tf.float32)
-    expected = float(coverage_term(aux["attention"], mask)) if variant in ("gru", "lstm") else 0.0
+    expected = float(coverage_term(aux["attention"], mask)) if variant in ("gru", "lstm", "updown") else 0.0
     assert float(m.extra_loss(aux, mask)) == pytest.approx(expected)
 
 
@@ -248,7 +249,7 @@ def test_pad_start_and_unk_are_never_generated(variant):
 
 
 def test_the_registry_builds_every_decoder():
-    assert set(DECODERS) == {"gru", "lstm", "transformer"}
+    assert set(DECODERS) == {"gru", "lstm", "transformer", "updown"}
     for variant in VARIANTS:
         assert tiny(variant).count_params() > 0
 

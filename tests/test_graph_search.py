@@ -117,7 +117,7 @@ def test_enough_beams_equal_brute_force(n_tokens, max_length, alpha, seed):
         assert scores[i] == pytest.approx(norm, abs=1e-5) and raw[i] == pytest.approx(exact_raw, abs=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["gru", "gru-noatt", "lstm", "transformer"])
+@pytest.mark.parametrize("decoder", ["gru", "gru-noatt", "lstm", "transformer", "updown"])
 def test_real_decoders_caption_as_the_reference_and_trace_once(decoder):
     import keras
 

@@ -58,6 +58,7 @@ TINY = {
     "gru": {"attention": True, "attention_units": 4},
     "lstm": {"attention": True, "attention_units": 4},
     "transformer": {"num_layers": 1, "num_heads": 2},
+    "updown": {"attention_units": 4},
 }
 
 
@@ -142,7 +143,7 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
     assert not all(np.allclose(a.numpy(), b) for a, b in zip(m.weights, weights_after[state["epoch"]]))
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+@pytest.mark.parametrize("decoder", ["lstm", "transformer", "updown"])
 def test_every_decoder_trains_through_the_same_loop(tmp_path, decoder):
     train, val = toy_sets()
     state = fit(make_model(decoder=decoder), train, val, SETTINGS, tmp_path / "c", progress=False, log=lambda s: None)

@@ -8,8 +8,9 @@ from .base import Decoder
 from .gru import GRUDecoder
 from .lstm import LSTMDecoder
 from .transformer import TransformerDecoder
+from .updown import UpDownDecoder
 
-DECODERS = {"gru": GRUDecoder, "lstm": LSTMDecoder, "transformer": TransformerDecoder}
+DECODERS = {"gru": GRUDecoder, "lstm": LSTMDecoder, "transformer": TransformerDecoder, "updown": UpDownDecoder}
 
 __all__ = ["DECODERS", "PRECISIONS", "Decoder", "build_decoder"]
 

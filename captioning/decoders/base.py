@@ -151,6 +151,7 @@ class Decoder(keras.Model):
     SETTINGS: tuple = ()
     STATIC_STATE: tuple = ()
     MAX_TOKENS: int | None = None  # the longest token sequence it can read (a position table's size)
+    ATTENTION_PRIOR: bool = True  # extra_loss is the attention prior (train.attention_reg weighs it)
 
     def check_max_length(self, max_length, where):
         """A CaptioningError naming ``where`` when captions of ``max_length`` words are too long."""

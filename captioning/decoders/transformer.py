@@ -28,6 +28,7 @@ MAX_POSITIONS = 64  # longest caption (tokens) the position embedding covers
 class TransformerDecoder(Decoder):
     SETTINGS = ("embed_dim", "units", "num_layers", "num_heads", "dropout")
     MAX_TOKENS = MAX_POSITIONS
+    ATTENTION_PRIOR = False
     STATIC_STATE = (0,)  # the memory (projected image features): the same at every step
 
     def __init__(
