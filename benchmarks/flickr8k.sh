@@ -13,6 +13,7 @@
 #                                                # all-zero features carries nothing: off)
 #   bash benchmarks/flickr8k.sh lstm             # LSTM + soft attention (Show, Attend and Tell)
 #   bash benchmarks/flickr8k.sh lstm-noatt       # LSTM, no attention (Show and Tell)
+#   bash benchmarks/flickr8k.sh updown           # top-down attention LSTM + language LSTM (Up-Down)
 #   bash benchmarks/flickr8k.sh transformer      # 2-layer Transformer decoder, 4 heads
 #   bash benchmarks/flickr8k.sh scst             # the headline run, then SCST for CIDEr-D (finetune defaults)
 set -euo pipefail
@@ -33,9 +34,10 @@ case "$variant" in
   blind) extra=(-S train.blind=true -S train.attention=false) ;;
   lstm) extra=(-S train.decoder=lstm) ;;
   lstm-noatt) extra=(-S train.decoder=lstm -S train.attention=false) ;;
+  updown) extra=(-S train.decoder=updown) ;;
   transformer) extra=(-S train.decoder=transformer -S train.units=1024 -S train.num_layers=2 -S train.num_heads=4) ;;
   scst) extra=(-S finetune.enabled=true) ;;
-  *) echo "unknown variant $variant (attention | noatt | blind | lstm | lstm-noatt | transformer | scst)" >&2; exit 2 ;;
+  *) echo "unknown variant $variant (attention | noatt | blind | lstm | lstm-noatt | updown | transformer | scst)" >&2; exit 2 ;;
 esac
 dvc exp run -n "flickr8k-$variant-$encoder" \
   -S dataset.captions=../shared/data/flickr8k/captions.txt \
