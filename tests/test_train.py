@@ -172,6 +172,28 @@ def test_label_smoothing_trains_and_spreads_the_predictions(tmp_path):
     assert peaks[1] < peaks[0] - 0.02, peaks
 
 
+@pytest.mark.parametrize("decoder", ["updown"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, decoder):
+    """Interrupted after epoch 2's checkpoint, then resumed to 4: the very weights, bit for bit,
+    of one run of 4 epochs (dropout on, so its masks must line up too)."""
+    train, val = toy_sets()
+    settings = dataclasses.replace(SETTINGS, epochs=4, label_smoothing=0.1)
+
+    def interrupt(epoch, _):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(decoder=decoder), train, val, settings, tmp_path / "c", on_epoch=interrupt, progress=False)
+    messages, resumed = [], make_model(decoder=decoder)
+    fit(resumed, train, val, settings, tmp_path / "c", progress=False, log=messages.append)
+    assert messages[0].startswith("resuming from") and "after epoch 2" in messages[0]
+    clean = make_model(decoder=decoder)
+    fit(clean, train, val, settings, tmp_path / "clean", progress=False, log=lambda s: None)
+    for a, b in zip(resumed.weights, clean.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_same_seed_same_weights(tmp_path):
     train, val = toy_sets()
     weights = []
