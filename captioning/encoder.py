@@ -27,7 +27,15 @@ import h5py
 import numpy as np
 
 from .errors import CaptioningError
-from .feature_store import BACKBONES, MODEL_FILE_SUFFIX, EncoderSpec, hash_features, is_model_file, square_grid
+from .feature_store import (
+    BACKBONES,
+    FLIP_SUFFIX,
+    MODEL_FILE_SUFFIX,
+    EncoderSpec,
+    hash_features,
+    is_model_file,
+    square_grid,
+)
 from .files import atomic_path, write_json
 from .images import ImageError, load_image
 
@@ -155,11 +163,20 @@ def make_forward(model, preprocess):
 
 
 def _decode(path, size):
-    """``(image (S, S, 3) uint8, error)``: a bad image is a zero image and its reason."""
+    """``(image (S, S, 3) uint8, error)``: a bad image is a zero image and its reason. A path
+    ending in FLIP_SUFFIX is the mirror image (left and right swapped) of the file before it."""
+    path, flip = str(path), str(path).endswith(FLIP_SUFFIX)
     try:
-        return load_image(path, size, dtype=np.uint8), ""
+        image = load_image(path[: -len(FLIP_SUFFIX)] if flip else path, size, dtype=np.uint8)
+        return (image[:, ::-1] if flip else image), ""
     except ImageError as e:
         return np.zeros((size, size, 3), np.uint8), str(e)
+
+
+def with_mirrors(keys) -> list:
+    """``[k0, k0#flip, k1, k1#flip, ...]``: each image then its mirror image, next to it, so a
+    shard (a contiguous slice of the keys) holds both of its images' rows."""
+    return [k for key in keys for k in (key, key + FLIP_SUFFIX)]
 
 
 def _image_batches(paths, size, batch_size, threads=2, ahead=3):

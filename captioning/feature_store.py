@@ -28,6 +28,7 @@ BACKBONES = {
     "efficientnetv2b0": ("EfficientNetV2B0", "efficientnet_v2", "top_activation"),
     "convnext_tiny": ("ConvNeXtTiny", "convnext", ""),  # "": the model's output (its final norm)
 }
+FLIP_SUFFIX = "#flip"  # the key of an image's mirror image (features.flip: augmentation for training)
 MODEL_FILE_SUFFIX = ".keras"  # features.backbone may name such a file: any Keras CNN (see encoder.py)
 
 
@@ -99,6 +100,10 @@ class FeatureStore:
             with h5py.File(self.path, "r") as f:
                 self.attrs["content_hash"] = hash_features(f["spatial"], f["pooled"])
         return str(self.attrs["content_hash"])
+
+    def mirrored(self, keys) -> bool:
+        """Whether the file also holds every one of ``keys``'s mirror images (``features.flip``)."""
+        return all(k + FLIP_SUFFIX in self.index for k in keys)
 
     def rows(self, keys, pooled=False) -> FeatureRows:
         """The features of ``keys`` (in that order) as a :class:`FeatureRows`, read on demand."""

@@ -33,6 +33,10 @@ class CaptionSet:
     features: object  # (N_images, L, C): FeatureRows or a float32 array
     tokens: np.ndarray  # (N_captions, T) int32, <start> ... <end> then 0 padding
     image_rows: np.ndarray  # (N_captions,) row of each caption's image in ``features``
+    # Augmentation: the row of each caption's mirror image; a shuffled epoch reads it instead for
+    # a seeded half of the captions, their words mapped through ``mirror_words`` (left <-> right).
+    mirror_rows: np.ndarray | None = None  # (N_captions,)
+    mirror_words: np.ndarray | None = None  # (V,) token id -> token id in the mirror image's caption
 
     def batches(self, batch_size, rng=None, bucket=0, block=1, prefetch_depth=2):
         """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption.
@@ -59,8 +63,11 @@ class CaptionSet:
         from .distribute import replica_slices
 
         lengths = (self.tokens > 0).sum(axis=1)
+        rows, tokens = self.image_rows, self.tokens
         if rng is not None:
             order = batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block)
+            if self.mirror_rows is not None:  # drawn after the order: without mirrors, the same epochs
+                rows, tokens = self.mirrored(rng.random(len(rows)) < 0.5)
         else:
             seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
             order = [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)]
@@ -71,8 +78,8 @@ class CaptionSet:
                 m, slices = replica_slices(len(idx), replicas)
                 mine = [slices[r] for r in local]
                 lo, hi = min(a for a, _ in mine), max(b for _, b in mine)  # local replicas are contiguous
-                feats = self.features[self.image_rows[idx[lo:hi]]] if hi > lo else None
-                toks = self.tokens[idx][:, : int(lengths[idx].max())]
+                feats = self.features[rows[idx[lo:hi]]] if hi > lo else None
+                toks = tokens[idx][:, : int(lengths[idx].max())]
                 parts = []
                 for a, b in mine:
                     if (a, b) == (0, m) == (lo, hi):  # one replica (or the whole read): no copy
@@ -86,6 +93,13 @@ class CaptionSet:
                 yield len(idx), int((toks[:, 1:] > 0).sum()), parts
 
         return prefetch(read(), prefetch_depth) if prefetch_depth > 0 else read()
+
+    def mirrored(self, flip):
+        """``(image rows, tokens)`` with the captions where ``flip`` (N_captions,) is set reading
+        their mirror image, their words mirrored."""
+        rows = np.where(flip, self.mirror_rows, self.image_rows)
+        words = self.mirror_words if self.mirror_words is not None else np.arange(int(self.tokens.max()) + 1)
+        return rows, np.where(flip[:, None], words[self.tokens], self.tokens).astype(self.tokens.dtype)
 
 
 @dataclasses.dataclass
@@ -126,7 +140,9 @@ def _fingerprint(model, settings, train, val) -> str:
         # The features by identity (the file's stored content hash and the rows used), never
         # by reading every byte: a COCO-sized file is tens of GB.
         h.update(feature_identity(data.features).encode())
-        for arr in (data.tokens, data.image_rows):
+        for arr in (data.tokens, data.image_rows, data.mirror_rows, data.mirror_words):
+            if arr is None:  # no mirror images: nothing to add
+                continue
             h.update(str(arr.shape).encode())
             h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()

@@ -17,6 +17,7 @@ class Params:
     alpha: float = config.field(choices=(0.25, 0.5, 0.75, 1.0))  # MobileNet width
     batch_size: int = config.field(lo=1, hi=4096)
     dtype: str = config.field(choices=("float16", "float32"))
+    flip: bool = config.field()  # also encode every image mirrored (training picks one of the two)
     max_bad_fraction: float = config.field(lo=0.0, hi=1.0)
     shards: list[int] = config.field()  # [0, 1, ..., N-1]: one features@I stage per shard (dvc.yaml matrix)
 
@@ -47,7 +48,8 @@ def main(params_file, dataset, images, shard, out, report, progress):
     len(features.shards) shards (a contiguous slice of the image list); merge_features joins
     the shard files into the one features file, byte for byte what one run would write, so
     shards can run on separate machines. Resumes after an interruption from OUT.partial.h5.
-    Unreadable images are skipped and listed in REPORT.
+    Unreadable images are skipped and listed in REPORT. With features.flip every image is
+    also encoded mirrored (key IMAGE#flip, the row after it): training then reads either.
     """
     quiet_tensorflow()
     params = config.load_params(params_file, {"features": Params})
@@ -57,6 +59,8 @@ def main(params_file, dataset, images, shard, out, report, progress):
     keys = [r["image"] for r in read_json(dataset)["images"]]
     if not keys:
         raise CaptioningError(f"{dataset}: no images")
+    if p.flip:
+        keys = encoder.with_mirrors(keys)
     spec = encoder.make_spec(p.backbone, p.weights, p.layer, p.image_size, p.alpha, seed)
     rep = encoder.extract_features(
         spec,

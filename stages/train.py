@@ -52,8 +52,10 @@ class Params:
             )
 
 
-def load_split(store, captions_h5, split):
-    """Features (read from disk a batch at a time) and captions of one split as a CaptionSet."""
+def load_split(store, captions_h5, split, vocab=None):
+    """Features (read from disk a batch at a time) and captions of one split as a CaptionSet;
+    with ``vocab`` (training), the images' mirror images too where the features file has them."""
+    from captioning.feature_store import FLIP_SUFFIX
     from captioning.train import CaptionSet
     from captioning.vocab import load_encoded
 
@@ -63,11 +65,16 @@ def load_split(store, captions_h5, split):
     have = [k for k in keys if k in store.index]
     row = {k: i for i, k in enumerate(have)}
     keep = np.array([im in row for im in images], dtype=bool)
-    return CaptionSet(
-        store.rows(have),
-        tokens[keep].astype(np.int32),
-        np.array([row[im] for im in images if im in row], dtype=np.int64),
-    )
+    image_rows = np.array([row[im] for im in images if im in row], dtype=np.int64)
+    tokens = tokens[keep].astype(np.int32)
+    if vocab is None or not have or not store.mirrored(have):
+        return CaptionSet(store.rows(have), tokens, image_rows)
+    words = np.arange(len(vocab))
+    left, right = (vocab.index.get(w) for w in ("left", "right"))
+    if left is not None and right is not None:  # "the dog on the left" is on the right in the mirror
+        words[[left, right]] = right, left
+    rows = store.rows(have + [k + FLIP_SUFFIX for k in have])
+    return CaptionSet(rows, tokens, image_rows, mirror_rows=image_rows + len(have), mirror_words=words)
 
 
 @click.command()
@@ -114,7 +121,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
 
     store = FeatureStore(features)
     voc = Vocabulary.from_json(read_json(vocab_file))
-    train_set, val_set = load_split(store, captions, "train"), load_split(store, captions, "val")
+    train_set, val_set = load_split(store, captions, "train", voc), load_split(store, captions, "val")
     model = build_decoder(
         p.decoder,
         vocab_size=len(voc),

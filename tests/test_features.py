@@ -237,3 +237,83 @@ def test_merge_stage_names_a_missing_shard(tmp_path, tiny_params):
     args = ["--params", str(tmp_path / "p.yaml"), "--shards", str(tmp_path / "shards"), "--reports", str(tmp_path)]
     r = CliRunner().invoke(merge_features.main, [*args, "--out", str(tmp_path / "f.h5"), "--report", "r.json"])
     assert r.exit_code == 1 and "missing features shard(s): " in r.output and "shard-1.h5" in r.output
+
+
+def tiny_cnn_file(path, size=32, rescale=True):
+    """A small Keras CNN saved as a .keras file: RGB 0..255 in, an 8x8x5 map out (and a pooled head)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inp) if rescale else inp
+    x = keras.layers.Conv2D(5, 3, strides=4, padding="same", activation="relu", name="map")(x)
+    out = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    keras.Model(inp, out).save(path)
+    return path
+
+
+def test_any_keras_model_file_is_an_encoder(tmp_path, shapes_dir):
+    """features.backbone names a .keras file: its inner layer ``map`` as the feature map, the
+    file's sha256 in the spec; a changed file, a flat output and a wrong size are clear errors."""
+    from captioning.encoder import build_encoder, make_forward, make_spec
+    from captioning.images import load_image
+
+    path = str(tiny_cnn_file(tmp_path / "cnn.keras"))
+    spec = make_spec(path, "none", "map", 32, 1.0, 0)
+    assert len(spec.file_hash) == 64
+    keys = keys_of(shapes_dir)[:5]
+    extract_features(spec, shapes_dir / "images", keys, tmp_path / "f.h5", batch_size=4, progress=False)
+    store = FeatureStore(tmp_path / "f.h5")
+    assert store.spec == spec and (store.num_locations, store.feature_dim) == (64, 5)
+    # The file's own network on the raw image: the stored rows, to float16 rounding.
+    import keras
+
+    net = keras.saving.load_model(path)
+    image = load_image(shapes_dir / "images" / keys[0], 32, dtype=np.uint8)[None].astype(np.float32)
+    want = keras.Model(net.inputs[0], net.get_layer("map").output)(image).numpy().reshape(64, 5)
+    np.testing.assert_allclose(store.load(keys[:1])[0], want, rtol=1e-2, atol=1e-2)
+    with pytest.raises(CaptioningError, match="its output has shape .* not a .* feature map"):
+        build_encoder(make_spec(path, "none", "", 32, 1.0, 0))
+    with pytest.raises(CaptioningError, match="has no layer named 'nope'"):
+        build_encoder(make_spec(path, "none", "nope", 32, 1.0, 0))
+    with pytest.raises(CaptioningError, match="takes 32x32 images; set features.image_size to 32"):
+        build_encoder(make_spec(path, "none", "map", 64, 1.0, 0))
+    with pytest.raises(CaptioningError, match="holds its own weights"):
+        build_encoder(make_spec(path, "imagenet", "map", 32, 1.0, 0))
+    tiny_cnn_file(tmp_path / "cnn.keras", rescale=False)  # another network at the same path
+    with pytest.raises(CaptioningError, match="not the file these features were made with"):
+        build_encoder(spec)
+    forward = make_forward(*build_encoder(make_spec(path, "none", "map", 32, 1.0, 0)))
+    assert forward(np.zeros((1, 32, 32, 3), np.uint8))[0].shape == (1, 64, 5)
+    with pytest.raises(CaptioningError, match="encoder model file not found"):
+        make_spec(str(tmp_path / "missing.keras"), "none", "", 32, 1.0, 0)
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(CaptioningError, match="junk.keras: not a Keras model"):
+        build_encoder(make_spec(str(tmp_path / "junk.keras"), "none", "", 32, 1.0, 0))
+
+
+@pytest.mark.parametrize("backbone", ["resnet101", "efficientnetv2b0", "efficientnetv2s", "convnext_tiny"])
+def test_every_new_backbone_entry_builds_without_weights(backbone):
+    """Each table entry builds (random init, no download) on a 64 px input and gives a map."""
+    from captioning.encoder import build_encoder, make_forward
+
+    spec = EncoderSpec(backbone=backbone, weights="none", image_size=64, seed=0)
+    spatial, pooled = make_forward(*build_encoder(spec))(np.zeros((1, 64, 64, 3), np.uint8))
+    assert spatial.shape[:2] == (1, 4) and pooled.shape == (1, spatial.shape[2])  # 64 px / 32 = a 2x2 map
+
+
+def test_flip_adds_each_images_mirror_image_next_to_it(tmp_path, shapes_dir):
+    from captioning.encoder import build_encoder, make_forward, with_mirrors
+    from captioning.images import load_image
+
+    keys = keys_of(shapes_dir)[:3]
+    extract_features(SPEC, shapes_dir / "images", with_mirrors(keys), tmp_path / "f.h5", batch_size=4, progress=False)
+    store = FeatureStore(tmp_path / "f.h5")
+    assert store.keys == [keys[0], keys[0] + "#flip", keys[1], keys[1] + "#flip", keys[2], keys[2] + "#flip"]
+    assert store.mirrored(keys) and not FeatureStore(tmp_path / "f.h5").mirrored(keys + ["other.png"])
+    image = load_image(shapes_dir / "images" / keys[1], 32, dtype=np.uint8)
+    forward = make_forward(*build_encoder(SPEC))
+    want = forward(np.stack([image, image[:, ::-1]]))[0].numpy()
+    got = store.load([keys[1], keys[1] + "#flip"])
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(got[0], got[1], atol=1e-2)

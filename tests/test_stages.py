@@ -122,8 +122,19 @@ TRAIN_ARGS = [
         ({"train": {"dropout": 1.5}}, "train.dropout: must be <= 0.95, got 1.5"),
         ({"train": {"unit": 3}}, "train.unit: unknown setting"),
         ({"seed": -1}, "seed: must be >= 0"),
-        ({"train": {"decoder": "transformer", "attention_reg": 0.1}}, "train.attention_reg: 0.1, but only a recurrent"),
-        ({"train": {"attention": False, "attention_reg": 0.1}}, "train.attention_reg: 0.1, but only a recurrent"),
+        ({"train": {"decoder": "rnn"}}, "train.decoder: must be one of gru, lstm, transformer, updown; got 'rnn'"),
+        (
+            {"train": {"decoder": "transformer", "attention_reg": 0.1}},
+            "train.attention_reg: 0.1, but the transformer decoder has no attention prior",
+        ),
+        (
+            {"train": {"attention": False, "attention_reg": 0.1}},
+            "train.attention_reg: 0.1, but the gru decoder without attention has no attention prior",
+        ),
+        (
+            {"train": {"decoder": "updown", "attention": False, "attention_reg": 0.0}},
+            "train.attention: the updown decoder reads the image only through attention",
+        ),
     ],
 )
 def test_bad_params_get_one_clear_message(tmp_path, tiny_params, edit, message):
@@ -199,3 +210,29 @@ def test_evaluate_keeps_every_caption_of_a_steered_search(tiny_run, tmp_path, st
     assert {k: metrics[k] for k in steer if k in ("n_best", "groups", "sample")} == {
         k: v for k, v in steer.items() if k in ("n_best", "groups", "sample")
     }
+
+
+def test_train_reads_mirror_images_when_the_features_have_them(tmp_path, tiny_params, monkeypatch):
+    """features.flip: the features file holds every image and its mirror image; the train stage
+    gives its training set the mirror rows (left and right swapped in their words) and trains."""
+    from conftest import invoke, prepare_training_data
+
+    from captioning.feature_store import FeatureStore
+    from captioning.vocab import Vocabulary
+
+    path, base = tiny_params
+    path.write_text(yaml.safe_dump({**base, "features": {**base["features"], "flip": True}}))
+    monkeypatch.chdir(tmp_path)
+    prepare_training_data(str(path))
+    store = FeatureStore("data/features.h5")
+    originals = [k for k in store.keys if not k.endswith("#flip")]
+    assert len(store.keys) == 2 * len(originals) and store.mirrored(originals)
+    vocab = Vocabulary.from_json(json.loads((tmp_path / "data/vocab.json").read_text()))
+    data = train.load_split(store, "data/captions.h5", "train", vocab)
+    assert (data.mirror_rows == data.image_rows + len(data.features) // 2).all()
+    assert data.mirror_words[vocab.index["left"]] == vocab.index["right"]
+    assert data.mirror_words[vocab.index["right"]] == vocab.index["left"]
+    assert train.load_split(store, "data/captions.h5", "val").mirror_rows is None
+    args = "--features data/features.h5 --vocab data/vocab.json --captions data/captions.h5 --model-dir m"
+    out = invoke(train, ["--params", str(path), *f"{args} --checkpoint k --live-dir l --no-progress".split()])
+    assert "best val_loss" in out

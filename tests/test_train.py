@@ -342,3 +342,35 @@ def test_resume_fingerprint_uses_the_file_identity_not_its_bytes(tmp_path, monke
     assert reads == [] and fp == _fingerprint(make_model(), SETTINGS, train, val)
     other, _ = toy_sets(seed=1, h5=tmp_path / "g.h5")  # other features: another trajectory
     assert _fingerprint(make_model(), SETTINGS, other, val) != fp
+
+
+def test_mirror_images_replace_a_seeded_half_with_their_words_mirrored():
+    """Rows 0-3 are images, 4-7 their mirror images; token 5 is "left", 6 "right". A shuffled epoch
+    reads about half the captions from the mirror image, those captions with left and right
+    swapped; the same seed gives the same epoch; evaluation (no rng) reads no mirror image."""
+    feats = np.arange(8, dtype=np.float32)[:, None, None] * np.ones((8, 2, 3), np.float32)
+    tokens = np.array([[1, 5, 7, 2], [1, 6, 2, 0], [1, 7, 2, 0], [1, 5, 6, 2]] * 10, np.int32)
+    rows = np.tile(np.arange(4), 10)
+    words = np.arange(8)
+    words[[5, 6]] = 6, 5
+    data = CaptionSet(feats, tokens, rows, mirror_rows=rows + 4, mirror_words=words)
+
+    def epoch(seed):
+        out = [(f[:, 0, 0].astype(int), t) for f, t in data.batches(8, np.random.default_rng(seed), prefetch_depth=0)]
+        return np.concatenate([r for r, _ in out]), [t for _, t in out]
+
+    read, toks = epoch(1)
+    mirrored = read >= 4
+    assert 10 < mirrored.sum() < 30  # about half of 40
+    flat = [row for t in toks for row in t]
+    for r, t in zip(read, flat):
+        original = tokens[np.flatnonzero(rows == r % 4)[0]]
+        if r >= 4:
+            assert t.tolist() == words[original[: len(t)]].tolist()
+        else:
+            assert t.tolist() == original[: len(t)].tolist()
+    again, toks_again = epoch(1)
+    np.testing.assert_array_equal(read, again)
+    assert all((a == b).all() for a, b in zip(toks, toks_again))
+    plain = np.concatenate([f[:, 0, 0] for f, _ in data.batches(8, prefetch_depth=0)])
+    assert (plain < 4).all()
