@@ -27,14 +27,21 @@ class Params:
 
 @click.command()
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Trained model folder.")
+@click.option(
+    "--model",
+    "model_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Trained model folder; given several times, the models decode as one ensemble.",
+)
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="HDF5 features.")
 @click.option("--dataset", required=True, type=click.Path(dir_okay=False), help="Normalised dataset JSON (references).")
 @click.option("--metrics", "metrics_out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON to write.")
 @click.option("--predictions", required=True, type=click.Path(dir_okay=False), help="Predictions JSON to write.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @user_errors
-def main(params_file, model_dir, features, dataset, metrics_out, predictions, progress):
+def main(params_file, model_dirs, features, dataset, metrics_out, predictions, progress):
     """Caption one split with batched beam search and score it with pycocoevalcap.
 
     BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when Stanford CoreNLP 3.6.0 is installed;
@@ -45,7 +52,8 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     split's references. Steered (evaluate.n_best > 1, evaluate.groups > 1 for diverse beam search,
     evaluate.sample > 0 for sampling): every image's captions are kept in the predictions, the
     first is scored, and oracle CIDEr (the best of each image's) and mBLEU-4 among them are added.
-    Split images the features stage skipped are counted, not captioned.
+    Split images the features stage skipped are counted, not captioned. Several --model folders
+    (one vocabulary, one encoder) decode as an ensemble: the mean of their word probabilities.
     """
     params = config.load_params(params_file, {"evaluate": Params})
     p, seed = params["evaluate"], params["seed"]
@@ -54,9 +62,9 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
 
     DECODING = {f.name for f in config.dataclasses.fields(Decoding)}
     DEFAULTS = {f.name: f.default for f in config.dataclasses.fields(Decoding)}
+    from captioning.ensemble import load_models
     from captioning.feature_store import FeatureStore
     from captioning.metrics import among_n, coco_scores, diversity, word_accuracy
-    from captioning.model_folder import load_model
     from captioning.vocab import make_tokenizer
 
     store = FeatureStore(features)
@@ -64,7 +72,7 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
     records = [r for r in in_split if r["image"] in store.index]
     if not records:
         raise CaptioningError(f"{dataset}: no images with features in the '{p.split}' split")
-    model = load_model(model_dir)
+    model = load_models(model_dirs)
     model.decoder.check_max_length(p.max_length, "evaluate.max_length")
     keys = [r["image"] for r in records]
     rows = store.rows(keys)  # read from disk a batch at a time
@@ -106,6 +114,7 @@ def main(params_file, model_dir, features, dataset, metrics_out, predictions, pr
         beam_size=p.beam_size,
         max_length=p.max_length,
         length_penalty=p.length_penalty,
+        **({"ensemble": len(model_dirs)} if len(model_dirs) > 1 else {}),
         **{f: getattr(p, f) for f in ("n_best", "groups", "diversity", "sample") if getattr(p, f) != DEFAULTS[f]},
     )
     write_json(metrics_out, scores)

@@ -1,6 +1,7 @@
 """Every stage's CLI through click's CliRunner, end to end on a tiny generated dataset."""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -236,3 +237,25 @@ def test_train_reads_mirror_images_when_the_features_have_them(tmp_path, tiny_pa
     args = "--features data/features.h5 --vocab data/vocab.json --captions data/captions.h5 --model-dir m"
     out = invoke(train, ["--params", str(path), *f"{args} --checkpoint k --live-dir l --no-progress".split()])
     assert "best val_loss" in out
+
+
+def test_evaluate_decodes_several_models_as_one_ensemble(tiny_run, tmp_path):
+    """The model twice: the mean of equal probabilities is each, so the very captions of the model
+    alone (in the tiny run, finetune is off and models_final is models' copy); a model with
+    another vocabulary is refused by name."""
+    root, _ = tiny_run
+    single = json.loads((root / "reports/predictions.json").read_text())
+    args = ["--params", root / "params.yaml", "--model", root / "models", "--model", root / "models_final",
+            "--features", root / "data/features.h5", "--dataset", root / "data/dataset.json",
+            "--metrics", tmp_path / "m.json", "--predictions", tmp_path / "p.json", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m.json").read_text())["ensemble"] == 2
+    assert [p["caption"] for p in json.loads((tmp_path / "p.json").read_text())] == [p["caption"] for p in single]
+    other = tmp_path / "other"
+    shutil.copytree(root / "models", other)
+    vocab = json.loads((other / "vocab.json").read_text())
+    (other / "vocab.json").write_text(json.dumps({**vocab, "words": vocab["words"][:-1] + ["zebra"]}))
+    args[args.index(root / "models_final")] = other
+    result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
+    assert result.exit_code == 1 and f"{other}: another vocabulary than {root / 'models'}" in result.output
