@@ -187,6 +187,7 @@ def main(
     seed_everything(seed)
     import captioning
     from captioning import train as train_mod
+    from captioning.config import load_section
     from captioning.decoders import build_decoder
     from captioning.feature_store import FeatureStore
     from captioning.vocab import load_encoded
@@ -226,16 +227,18 @@ def main(
         epochs=epochs,
         patience=epochs,
         attention_reg=cfg["reg"] if attention else 0.0,
-        seed=seed,
         bucket=bucket,
         read_block=read_block,
         jit=jit,
+        attention=attention,
     )
-    fields = {f.name for f in dataclasses.fields(train_mod.FitSettings)}
-    settings = train_mod.FitSettings(**{k: v for k, v in wanted.items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(train_mod.TrainSettings)}
+    settings = load_section(
+        "params.yaml", "train", train_mod.TrainSettings, **{k: v for k, v in wanted.items() if k in fields}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         state = train_mod.fit(
-            model, train, val, settings, os.path.join(tmp, "ckpt"), progress=False, log=lambda m: None
+            model, train, val, settings, seed, os.path.join(tmp, "ckpt"), progress=False, log=lambda m: None
         )
     # The machine's speed drifts over minutes (other tenants): the floor uses the mean of the
     # rates measured before and after the epochs, and both are printed.

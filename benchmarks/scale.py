@@ -108,9 +108,11 @@ def step_train(work: Path, limit: int, in_memory: bool):
     seed_everything(0)
     import tempfile
 
+    from captioning.caption_set import CaptionSet
+    from captioning.config import load_section
     from captioning.decoders import build_decoder
     from captioning.feature_store import FeatureStore
-    from captioning.train import CaptionSet, FitSettings, fit
+    from captioning.train import TrainSettings, fit
 
     store = FeatureStore(work / "features.h5")
     rng = np.random.default_rng(2)
@@ -122,10 +124,10 @@ def step_train(work: Path, limit: int, in_memory: bool):
     model = build_decoder(
         "gru", vocab_size=VOCAB, feature_dim=store.feature_dim, num_locations=store.num_locations, **DECODER
     )
-    settings = FitSettings(batch_size=64, epochs=1, patience=1, bucket=0, seed=0)  # params.yaml defaults
+    settings = load_section("params.yaml", "train", TrainSettings, epochs=1, patience=1)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        state = fit(model, *sets, settings, Path(tmp) / "ckpt", progress=False, log=lambda m: None)
+        state = fit(model, *sets, settings, 0, Path(tmp) / "ckpt", progress=False, log=lambda m: None)
     return {
         "captions_per_s": len(sets[0].tokens) / state["history"][0]["seconds"],
         "epoch_s": state["history"][0]["seconds"],

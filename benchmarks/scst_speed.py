@@ -30,12 +30,11 @@ def main(model_dir, features, captions, batches):
     from captioning.decoders.base import masked_cross_entropy  # noqa: F401  (same imports as training)
     from captioning.feature_store import FeatureStore
     from captioning.model_folder import load_model
-    from captioning.scst import baseline, make_sampler, strip_end
-    from stages.finetune import image_set
+    from captioning.scst import baseline, image_set, make_sampler, strip_end
 
     model = load_model(model_dir)
     store = FeatureStore(features)
-    train = image_set(store, captions, "train")
+    train = image_set(store, captions, "train", model.vocab)
     scorer = CiderD(train.references, len(model.vocab) + 1)
     refs = [[scorer.vector(r) for r in rs] for rs in train.references]
     dec, voc, K, B = model.decoder, model.vocab, 5, 32

@@ -56,9 +56,10 @@ def build(pkg, features, captions, cfg, seed):
         attention_units=cfg["attention_units"],
         dropout=cfg["dropout"],
     )
-    settings = train_mod.FitSettings(
-        batch_size=cfg["batch"], learning_rate=cfg["lr"], attention_reg=cfg["reg"], seed=seed, bucket=0
-    )
+    settings = importlib.import_module(pkg + ".config").load_section(
+        "params.yaml", "train", train_mod.TrainSettings, batch_size=cfg["batch"], learning_rate=cfg["lr"],
+        attention_reg=cfg["reg"], bucket=0,
+    )  # fmt: skip
     model.build()
     optimizer = keras.optimizers.Adam(cfg["lr"])
     optimizer.build(model.trainable_variables)

@@ -71,94 +71,137 @@ def _top(values, k):
 
 
 def take_rows(x, rows):
-    """``x``'s rows ``rows`` (numpy fancy indexing): beam_search's default ``take``."""
+    """``x``'s rows ``rows`` (numpy fancy indexing): a :class:`Step`'s default ``take``."""
     return np.asarray(x)[rows]
 
 
-def beam_search(
-    step_fn,
-    state,
-    batch_size,
-    beam_size,
-    max_length,
-    start_id,
-    end_id,
-    length_penalty=0.0,
-    static=(),
-    take=take_rows,
-):
-    """Best caption per item: ``(token-id lists without <start>/<end>, normalised scores, log-probs)``.
+class Step:
+    """What a search drives: ``step(tokens (N,), state) -> (log-probs (N, V) or Candidates, state')``.
 
-    ``state`` has first axis ``batch_size`` (one row per item). The first step runs once per item
-    (every beam starts from the same state and ``<start>``), and its output is then repeated per beam.
-    Length normalisation divides a caption's log-probability by ``length**length_penalty``,
-    where length counts the ``<end>`` token when one was emitted. Ties go to the caption found
-    first. Tokens the step gives ``-inf`` are never chosen.
-
-    ``static``: indices of state parts that are the same for every beam of an item and that the
-    step never changes (the image's features). They are neither repeated per beam nor reordered:
-    the step gets them with one row per item and rows ``item * G ... item * G + G - 1`` share the
+    ``static``: indices of the state parts the step never changes and that are the same for every
+    beam of an item (the image's features). They are neither repeated per beam nor reordered: the
+    step gets them with one row per item and rows ``item * G ... item * G + G - 1`` share the
     item's row (G = N / items; see the decoder contract in decoders/base.py). Repeating them
     would cost most of a step's memory traffic (for Flickr8k, 128 images x 6 rows x 49 x 1,024
     floats read every step).
 
-    ``take(x, rows)``: ``x``'s rows ``rows`` (an int array), for every reordering of the state; the
-    search itself reads nothing of the state. A step whose state lives in its own framework passes
-    that framework's gather, so the state never makes a round trip through numpy
-    (``make_step_fn``'s ``take``).
-
-    Items whose search has ended leave the batch, so the step stops computing their rows.
+    ``take(x, rows)``: ``x``'s rows ``rows`` (an int array), for every reordering of the state; a
+    search reads nothing of the state itself. A step whose state lives in its own framework
+    passes that framework's gather, so the state never makes a round trip through numpy
+    (:func:`captioning.decode.make_step_fn`). A plain function is a Step with no static parts.
     """
-    K, T, alpha = beam_size, max_length, length_penalty
-    G = K + 1 if K > 1 else 1  # rows per item: K beams, then the greedy path (beam 1 is greedy)
-    fixed = {i % len(state) for i in static}  # state: one row per item until the first step
-    tokens = np.full((batch_size, G), start_id, dtype=np.int64)
-    seqs = np.zeros((batch_size, G, 0), dtype=np.int64)
-    scores = np.full((batch_size, G), -np.inf)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    scores[:, G - 1] = 0.0  # ... and the greedy row
-    best_norm = np.full(batch_size, -np.inf)  # best finished caption per item
-    best_raw = np.full(batch_size, -np.inf)
-    best_seq: list[list[int]] = [[] for _ in range(batch_size)]
-    live = np.arange(batch_size)  # the items still searching: the per-item arrays' rows, in order
 
-    def finish(i, raw, seq, t):  # i: a row of the per-item arrays
-        b = live[i]
-        norm = normalised(raw, t, alpha)
-        if norm > best_norm[b]:  # strict: ties go to the caption found first
-            best_norm[b], best_raw[b], best_seq[b] = norm, raw, seq.tolist()
+    def __init__(self, fn, static=(), take=take_rows):
+        self.fn, self.static, self.take = fn, tuple(static), take
 
-    for t in range(1, T + 2):  # T word steps, then one step that can only close with <end>
-        if t == 1:  # an item's rows all start from <start> in the same state: one row each, then copied
-            out, state = step_fn(tokens[:, 0], state)
-            first = np.repeat(np.arange(batch_size), G)  # each item's row, once per row it now has (item-major)
-            if isinstance(out, Candidates):
-                out = Candidates(*(take_rows(x, first) for x in out))
-            else:
-                out = take_rows(out, first)
-            state = tuple(s if i in fixed else take(s, first) for i, s in enumerate(state))
+    def __call__(self, tokens, state):
+        return self.fn(tokens, state)
+
+    @classmethod
+    def of(cls, step) -> Step:
+        return step if isinstance(step, Step) else cls(step)
+
+    def first(self, tokens, state, rows):
+        """The first step, run once per item (all its rows start from ``<start>`` in one state),
+        its output and the state's moving parts then repeated ``rows`` times per item."""
+        out, state = self(tokens, state)
+        first = np.repeat(np.arange(len(tokens)), rows)  # each item's row, once per row it now has
+        out = Candidates(*(take_rows(x, first) for x in out)) if isinstance(out, Candidates) else take_rows(out, first)
+        return out, self.reorder(state, first)
+
+    def reorder(self, state, rows):
+        """The state's moving parts at ``rows``; the static ones as they are."""
+        fixed = {i % len(state) for i in self.static}
+        return tuple(s if i in fixed else self.take(s, rows) for i, s in enumerate(state))
+
+    def drop_items(self, state, items):
+        """Only ``items`` of the static parts (one row per item); the moving ones as they are."""
+        fixed = {i % len(state) for i in self.static}
+        return tuple(self.take(s, items) if i in fixed else s for i, s in enumerate(state))
+
+
+def beam_search(step, state, batch_size, beam_size, max_length, start_id, end_id, length_penalty=0.0):
+    """Best caption per item: ``(token-id lists without <start>/<end>, normalised scores, log-probs)``.
+
+    ``step``: a :class:`Step` (or a plain step function). ``state`` has first axis ``batch_size``
+    (one row per item). The first step runs once per item (every beam starts from the same state
+    and ``<start>``), and its output is then repeated per beam. Length normalisation divides a
+    caption's log-probability by ``length**length_penalty``, where length counts the ``<end>``
+    token when one was emitted. Ties go to the caption found first. Tokens the step gives
+    ``-inf`` are never chosen. Items whose search has ended leave the batch, so the step stops
+    computing their rows.
+    """
+    step = Step.of(step)
+    beams = _Beams(batch_size, beam_size, max_length, start_id, end_id, length_penalty)
+    for t in range(1, max_length + 2):  # T word steps, then one step that can only close with <end>
+        if t == 1:
+            out, state = step.first(beams.tokens[:, 0], state, beams.G)
         else:
-            out, state = step_fn(tokens.reshape(-1), state)
-        B = len(live)  # from here on: the items still searching
-        cands = out if isinstance(out, Candidates) else candidates(out, K + 1, end_id)
+            out, state = step(beams.tokens.reshape(-1), state)
+        cands = out if isinstance(out, Candidates) else candidates(out, beam_size + 1, end_id)
+        moved = beams.advance(t, cands)
+        if moved is None:
+            break
+        going, keep = moved
+        if going is not None:  # done items leave the batch, their image rows with them
+            state = step.drop_items(state, going)
+        state = step.reorder(state, keep)
+    return beams.best_seq, beams.best_norm.tolist(), beams.best_raw.tolist()
+
+
+class _Beams:
+    """The search's bookkeeping for the items still searching (``live``): each row's tokens so
+    far, scores and next token; each item's best finished caption."""
+
+    def __init__(self, batch_size, beam_size, max_length, start_id, end_id, alpha):
+        self.K, self.T, self.alpha, self.end_id = beam_size, max_length, alpha, end_id
+        self.G = G = beam_size + 1 if beam_size > 1 else 1  # rows per item: K beams, then the greedy path
+        self.tokens = np.full((batch_size, G), start_id, dtype=np.int64)
+        self.seqs = np.zeros((batch_size, G, 0), dtype=np.int64)
+        self.scores = np.full((batch_size, G), -np.inf)
+        self.scores[:, 0] = 0.0  # all beams start identical: expand only the first
+        self.scores[:, G - 1] = 0.0  # ... and the greedy row
+        self.best_norm = np.full(batch_size, -np.inf)  # best finished caption per item
+        self.best_raw = np.full(batch_size, -np.inf)
+        self.best_seq: list[list[int]] = [[] for _ in range(batch_size)]
+        self.live = np.arange(batch_size)  # the items still searching: the per-item arrays' rows, in order
+
+    def finish(self, i, raw, seq, t):  # i: a row of the per-item arrays
+        b = self.live[i]
+        norm = normalised(raw, t, self.alpha)
+        if norm > self.best_norm[b]:  # strict: ties go to the caption found first
+            self.best_norm[b], self.best_raw[b], self.best_seq[b] = norm, raw, seq.tolist()
+
+    def advance(self, t, cands):
+        """Take step ``t``'s candidates: close what ends, pick the next beams. None when every
+        item is done; else ``(going, keep)``: the items that stay (None: all, their finished ones
+        frozen) and the previous step's rows the next state is made of (item-major)."""
+        K, G, T, end_id = self.K, self.G, self.T, self.end_id
+        B = len(self.live)
         k = cands.tokens.shape[1]  # candidates per row
         words = np.asarray(cands.tokens).reshape(B, G, k)
-        cand = scores[:, :, None] + np.asarray(cands.log_probs, np.float64).reshape(B, G, k)  # (B, G, k)
-        ends = scores + np.asarray(cands.end, np.float64).reshape(B, G)  # (B, G): each row closing now
+        cand = self.scores[:, :, None] + np.asarray(cands.log_probs, np.float64).reshape(B, G, k)  # (B, G, k)
+        ends = self.scores + np.asarray(cands.end, np.float64).reshape(B, G)  # (B, G): each row closing now
 
         # Greedy row: its best token, <end> included (forced at the last step).
         g_tok, g_score = (words[:, G - 1, 0], cand[:, G - 1, 0]) if t <= T else (np.full(B, end_id), ends[:, G - 1])
         if G > K:
             for b in np.flatnonzero((g_tok == end_id) & np.isfinite(g_score)):
-                finish(b, g_score[b], seqs[b, G - 1], t)
-
+                self.finish(b, g_score[b], self.seqs[b, G - 1], t)
         if t == T + 1:  # every beam closes with <end>, best first (ties: lower beam first)
             closing = ends[:, :K]
             top = _top(closing, K)
             for b, r in zip(*np.nonzero(np.isfinite(np.take_along_axis(closing, top, 1)))):
-                finish(b, closing[b, top[b, r]], seqs[b, top[b, r]], t)
-            break
+                self.finish(b, closing[b, top[b, r]], self.seqs[b, top[b, r]], t)
+            return None
+        parents = self._next_beams(t, cand, words, g_tok, g_score)
+        return self._prune(parents)
 
+    def _next_beams(self, t, cand, words, g_tok, g_score):
+        """Close the captions an ``<end>`` among the K best ends, then the next beams: the K best
+        continuations that do not end (the greedy row goes its own way). Returns their parents."""
+        K, G, end_id = self.K, self.G, self.end_id
+        B, k = cand.shape[0], cand.shape[2]
         # Beam candidates ranked over all beams (beam-major, so ties go to the lower beam, then the
         # lower token: the order of the (K * V) flattened log-probs). An <end> among the K best
         # closes a caption of t tokens (Hugging Face's rule).
@@ -166,9 +209,7 @@ def beam_search(
         top = _top(flat, K)
         top_words, top_scores = np.take_along_axis(flat_words, top, 1), np.take_along_axis(flat, top, 1)
         for b, r in zip(*np.nonzero((top_words == end_id) & np.isfinite(top_scores))):
-            finish(b, top_scores[b, r], seqs[b, top[b, r] // k], t)
-
-        # The next beams: the K best continuations that do not end; greedy goes its own way.
+            self.finish(b, top_scores[b, r], self.seqs[b, top[b, r] // k], t)
         flat[flat_words == end_id] = -np.inf
         top = _top(flat, K)
         parents, next_words = top // k, np.take_along_axis(flat_words, top, 1)
@@ -177,23 +218,28 @@ def beam_search(
             parents = np.concatenate([parents, np.full((B, 1), K)], axis=1)
             next_words = np.concatenate([next_words, g_tok[:, None]], axis=1)
             beam_scores = np.concatenate([beam_scores, np.where(g_tok == end_id, -np.inf, g_score)[:, None]], 1)
-        scores, tokens = beam_scores, next_words
-        seqs = np.concatenate([np.take_along_axis(seqs, parents[:, :, None], axis=1), tokens[:, :, None]], axis=2)
+        self.scores, self.tokens = beam_scores, next_words
+        self.seqs = np.concatenate(
+            [np.take_along_axis(self.seqs, parents[:, :, None], axis=1), self.tokens[:, :, None]], axis=2
+        )
+        return parents
 
-        # An item is done when its best finished caption beats every continuation of its open rows.
-        done = best_norm[live] >= _open_bound(scores.max(axis=1), T + 1, alpha)
+    def _prune(self, parents):
+        """An item is done when its best finished caption beats every continuation of its open
+        rows; see :meth:`advance` for what it returns."""
+        B = len(self.live)
+        done = self.best_norm[self.live] >= _open_bound(self.scores.max(axis=1), self.T + 1, self.alpha)
         if done.all():
-            break
+            return None
         # Done items leave the batch. Their image (static) rows are copied out with them, so this
         # waits until an eighth of the batch is done; until then their rows flow through the step.
-        going = np.arange(B)
+        going, dropped = np.arange(B), None
         if done.sum() >= max(1, B // 8):
-            going = np.flatnonzero(~done)
-            live, scores, tokens, seqs, parents = (x[going] for x in (live, scores, tokens, seqs, parents))
-            state = tuple(take(s, going) if i in fixed else s for i, s in enumerate(state))
+            going = dropped = np.flatnonzero(~done)
+            self.live, self.scores, self.tokens, self.seqs, parents = (
+                x[going] for x in (self.live, self.scores, self.tokens, self.seqs, parents)
+            )
         else:
-            scores[done] = -np.inf  # done items stop growing
-        keep = (going[:, None] * G + parents).reshape(-1)  # rows of the previous step, item-major
-        state = tuple(s if i in fixed else take(s, keep) for i, s in enumerate(state))
-
-    return best_seq, best_norm.tolist(), best_raw.tolist()
+            self.scores[done] = -np.inf  # done items stop growing
+        keep = (going[:, None] * self.G + parents).reshape(-1)  # rows of the previous step, item-major
+        return dropped, keep

@@ -86,6 +86,13 @@ def from_dict(cls, data, section: str, partial=False):
     return obj
 
 
+def load_section(path, section: str, cls, **overrides):
+    """One section of the params file ``path`` as ``cls``, with ``overrides`` (benchmarks and tests
+    that start from the defaults and change a few)."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return from_dict(cls, {**(data.get(section) or {}), **overrides}, section)
+
+
 def load_params(path, sections: dict, partial=()):
     """Read ``path`` (YAML) once and return ``{section: dataclass, ..., "seed": int}``.
 

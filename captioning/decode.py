@@ -13,10 +13,9 @@ import dataclasses
 
 import numpy as np
 
-from .beam import Candidates, beam_search
+from .beam import Candidates, Step, beam_search
 from .errors import CaptioningError
-
-NEVER_GENERATED = (0, 1, 3)  # <pad>, <start>, <unk> (see vocab.SPECIALS)
+from .vocab import NEVER_GENERATED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +123,7 @@ def make_step_fn(decoder, top_k=None, end_id=None):
     static = getattr(decoder, "STATIC_STATE", ())
     compiled = []  # traced once, at the first call: every row count shares the one graph
 
-    def step_fn(tokens, state):
+    def run(tokens, state):
         # The state stays in TensorFlow between steps: beam search reorders it with ``take``
         # (tf.gather), so it is never copied out to numpy and back (only the candidates are).
         inputs = tuple(s if isinstance(s, tf.Tensor) else tf.constant(s) for s in state)
@@ -137,10 +136,19 @@ def make_step_fn(decoder, top_k=None, end_id=None):
         fixed = {i % len(state) for i in static}
         return log_probs, tuple(inputs[i] if i in fixed else s for i, s in enumerate(out))
 
-    step_fn.static = static  # for beam_search(static=...)
-    step_fn.take = tf.gather  # for beam_search(take=...): rows of a state part, in TensorFlow
-    step_fn.traces = lambda: compiled[0].experimental_get_tracing_count() if compiled else 0
-    return step_fn
+    return DecoderStep(run, static, tf.gather, compiled)
+
+
+class DecoderStep(Step):
+    """A decoder's compiled step (:func:`make_step_fn`): the state stays in TensorFlow, its rows
+    taken with ``tf.gather``; ``traces()`` counts the graphs it has built (one serves every row count)."""
+
+    def __init__(self, fn, static, take, compiled):
+        super().__init__(fn, static, take)
+        self._compiled = compiled
+
+    def traces(self) -> int:
+        return self._compiled[0].experimental_get_tracing_count() if self._compiled else 0
 
 
 def caption_features(
@@ -165,16 +173,7 @@ def caption_features(
     for batch in tqdm(batches, total=len(starts), desc="captioning", unit="batch", disable=not progress):
         state = decoder.initial_state(batch)  # tensors: the step keeps them in TensorFlow
         seqs, _, raw = beam_search(
-            step_fn,
-            state,
-            len(batch),
-            beam_size,
-            max_length,
-            vocab.start_id,
-            vocab.end_id,
-            length_penalty,
-            static=step_fn.static,
-            take=step_fn.take,
+            step_fn, state, len(batch), beam_size, max_length, vocab.start_id, vocab.end_id, length_penalty
         )
         captions.extend(vocab.decode(s) for s in seqs)
         log_probs.extend(raw)
@@ -206,17 +205,16 @@ def steered(decoder, vocab, features, d: Decoding) -> list:
 
     step_fn = make_step_fn(decoder)  # the whole (N, V) log-probs: constraint words at any rank
     state, n = decoder.initial_state(features), len(features)
-    common = dict(static=step_fn.static, take=step_fn.take)
     try:
         if d.sample:
             found = sample(step_fn, state, n, d.sample, d.max_length, vocab.start_id, vocab.end_id,
-                           d.temperature, d.top_k, d.top_p, d.seed, **common)  # fmt: skip
+                           d.temperature, d.top_k, d.top_p, d.seed)  # fmt: skip
         else:
             constraints = constraint_ids(vocab, d.include)
             check_constraints(constraints, d.max_length)
             found = steered_search(step_fn, state, n, d.beam_size, d.max_length, vocab.start_id, vocab.end_id,
                                    d.length_penalty, d.n_best, d.groups, d.diversity, constraints,
-                                   d.block_trigrams, **common)  # fmt: skip
+                                   d.block_trigrams)  # fmt: skip
     except ValueError as e:
         raise CaptioningError(f"decoding: {e}") from None
     return [[(h.tokens, float(h.score), float(h.log_prob)) for h in hyps] for hyps in found]

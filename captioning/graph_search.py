@@ -155,43 +155,60 @@ def _bookkeep(shape, t, log_probs, c):
 
 
 def compile_search(step, beam_size, max_length, start_id, end_id, length_penalty=0.0, static=(), jit=True, init=None):
-    """``search(inputs) -> (token lists, scores, log-probs)`` (beam.py's return, as Python values):
-    the search as one ``tf.function``, traced at the first call. ``inputs``: the initial state (a
-    tuple of tensors), or what ``init(inputs) -> state`` takes (a decoder's ``initial_state`` of
-    the features: then that runs inside the same compiled call).
+    """A :class:`CompiledSearch`: ``search(inputs) -> (token lists, scores, log-probs)`` (beam.py's
+    return, as Python values), the search as one ``tf.function``, traced at the first call.
+    ``inputs``: the initial state (a tuple of tensors), or what ``init(inputs) -> state`` takes (a
+    decoder's ``initial_state`` of the features: then that runs inside the same compiled call).
 
     ``jit``: compile it with XLA where the step keeps its state's shapes (a recurrent decoder; a
     Transformer's cache grows each step, so it runs as a plain graph). XLA fuses the search's many
     small per-word ops into a few kernels; it compiles once per batch size, so batches are padded
     to the next power of two (repeating the last item) and the pad rows dropped.
     """
-    compiled = {}
 
     def run(inputs):
         state = tuple(init(inputs)) if init else inputs
         return graph_beam_search(step, state, beam_size, max_length, start_id, end_id, length_penalty, static)
 
-    def search(inputs):
+    return CompiledSearch(run, step, init, jit)
+
+
+class CompiledSearch:
+    """See :func:`compile_search`. ``traces()``: graphs built so far (one serves every batch size);
+    ``xla()``: whether it runs XLA-compiled (None before the first call)."""
+
+    def __init__(self, run, step, init, jit):
+        self._run, self._step, self._init, self._jit = run, step, init, jit
+        self._fn, self._xla = None, None
+
+    def traces(self) -> int:
+        return self._fn.experimental_get_tracing_count() if self._fn else 0
+
+    def xla(self):
+        return self._xla
+
+    def _compile(self, inputs):
+        init = self._init
+        specs = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), inputs)
+        state_specs = tf.nest.map_structure(
+            lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), tuple(init(inputs[:1])) if init else inputs
+        )
+        self._xla = self._jit and keeps_shapes(self._step, state_specs)
+        self._fn = tf.function(self._run, input_signature=[specs], autograph=False, jit_compile=self._xla)
+
+    def __call__(self, inputs):
+        init = self._init
         inputs = tf.convert_to_tensor(inputs) if init else tuple(tf.convert_to_tensor(s) for s in inputs)
         parts = [inputs] if init else inputs
-        if not compiled:  # any number of items: one graph serves every batch size
-            specs = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), inputs)
-            state_specs = tf.nest.map_structure(
-                lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), tuple(init(inputs[:1])) if init else inputs
-            )
-            compiled["xla"] = jit and keeps_shapes(step, state_specs)
-            compiled["fn"] = tf.function(run, input_signature=[specs], autograph=False, jit_compile=compiled["xla"])
+        if self._fn is None:  # any number of items: one graph serves every batch size
+            self._compile(inputs)
         n = int(parts[0].shape[0])
-        if compiled["xla"] and n:
+        if self._xla and n:
             pad = (1 << (n - 1).bit_length()) - n  # to a power of two: few XLA compilations
             padded = [tf.concat([s, tf.repeat(s[-1:], pad, axis=0)], 0) if pad else s for s in parts]
             inputs = padded[0] if init else tuple(padded)
-        seqs, lengths, norm, raw = (x.numpy()[:n] for x in compiled["fn"](inputs))
+        seqs, lengths, norm, raw = (x.numpy()[:n] for x in self._fn(inputs))
         return [s[:k].tolist() for s, k in zip(seqs, lengths)], norm.tolist(), raw.tolist()
-
-    search.traces = lambda: compiled["fn"].experimental_get_tracing_count() if compiled else 0
-    search.xla = lambda: compiled.get("xla")
-    return search
 
 
 def keeps_shapes(step, specs) -> bool:

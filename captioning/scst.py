@@ -15,29 +15,35 @@ ops, each epoch ends with an atomic checkpoint, and a killed run resumes on the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 
 import numpy as np
 
-from .decode import NEVER_GENERATED
+from . import config, lifecycle
 from .errors import CaptioningError
-from .feature_store import feature_identity
-from .train import begin_or_resume, end_epoch, finish
+from .vocab import NEVER_GENERATED
 
 
 @dataclasses.dataclass
-class SCSTSettings:
-    samples: int = 5  # captions sampled per image
-    baseline: str = "mean"  # "mean": of the image's other samples; "greedy": its greedy caption's reward
-    batch_size: int = 32  # images per step (each brings ``samples`` captions)
-    learning_rate: float = 5e-5
-    epochs: int = 10
-    patience: int = 2  # epochs without a better val CIDEr-D before stopping
-    max_length: int = 16  # words per sampled caption
-    clip_norm: float = 5.0
-    seed: int = 0
+class FinetuneSettings:
+    """The ``finetune`` section of params.yaml (no defaults here: params.yaml holds them)."""
+
+    enabled: bool = config.field()  # false: the cross-entropy model passes through unchanged
+    samples: int = config.field(lo=1, hi=64)  # captions sampled per image (the mean baseline needs 2)
+    baseline: str = config.field(choices=("mean", "greedy"))  # mean of the other samples, or greedy's reward
+    batch_size: int = config.field(lo=1)  # images per step (each brings ``samples`` captions)
+    learning_rate: float = config.field(lo=1e-8, hi=1.0)
+    epochs: int = config.field(lo=1)
+    patience: int = config.field(lo=1)  # epochs without a better val CIDEr-D before stopping
+    max_length: int = config.field(lo=1, hi=200)  # words per sampled caption
+    clip_norm: float = config.field(lo=0.0)
+
+    def validate(self, section):
+        if self.baseline == "mean" and self.samples < 2:
+            raise CaptioningError(
+                f"{section}.samples: the mean baseline averages an image's other samples, so it needs 2 or more"
+                f" (got {self.samples}; or set {section}.baseline: greedy)"
+            )
 
 
 @dataclasses.dataclass
@@ -48,6 +54,21 @@ class ImageSet:
 
     features: object
     references: list
+
+
+def image_set(store, captions_h5, split, vocab) -> ImageSet:
+    """The split's images with features (read from disk per batch) and their references (token
+    ids: the words and ``<unk>``, no padding, ``<start>`` or ``<end>``)."""
+    from .vocab import load_encoded
+
+    images, tokens = load_encoded(captions_h5, split)
+    markers = {vocab.pad_id, vocab.start_id, vocab.end_id}
+    refs = {}
+    for image, row in zip(images, tokens):
+        if image in store.index:  # images the features stage skipped are left out
+            refs.setdefault(image, []).append([int(t) for t in row if t not in markers])
+    keys = sorted(refs)
+    return ImageSet(store.rows(keys), [refs[k] for k in keys])
 
 
 def baseline(rewards, samples, greedy=None):
@@ -133,7 +154,8 @@ def fine_tune(
     val: ImageSet,
     scorer,
     val_scorer,
-    settings: SCSTSettings,
+    settings: FinetuneSettings,
+    seed: int,
     checkpoint_dir,
     on_epoch=None,
     progress=True,
@@ -145,113 +167,40 @@ def fine_tune(
     references. Returns the final state (history of val CIDEr-D, rewards, seconds per epoch).
     """
     import keras
-    import tensorflow as tf
-    from tqdm import tqdm
 
-    from .beam import beam_search
-    from .decode import make_step_fn
-    from .decoders.base import dense_gradients
-
-    if settings.baseline not in ("mean", "greedy"):
-        raise CaptioningError(f"unknown SCST baseline {settings.baseline!r} (mean or greedy)")
-    K, B = settings.samples, settings.batch_size
     decoder.build()
     optimizer = keras.optimizers.Adam(settings.learning_rate)
     optimizer.build(decoder.trainable_variables)
-    sample = make_sampler(decoder, vocab.start_id, vocab.end_id, settings.max_length)
-    step_fn = make_step_fn(decoder, top_k=2, end_id=vocab.end_id)  # greedy: beam 1 reads 2 candidates
+    policy = _Policy(decoder, vocab, optimizer, settings, train.features.shape[1:])
     train_refs = [[scorer.vector(r) for r in refs] for refs in train.references]  # prepared once
     val_refs = [[val_scorer.vector(r) for r in refs] for refs in val.references]
-    L, C = train.features.shape[1:]
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, L, C], tf.float32),
-            tf.TensorSpec([None, None], tf.int32),
-            tf.TensorSpec([None], tf.float32),
-        ]
-    )
-    def train_step(feats, seqs, advantage):
-        inputs = tf.concat([tf.fill([tf.shape(seqs)[0], 1], vocab.start_id), seqs[:, :-1]], axis=1)
-        mask = policy_mask(seqs, settings.max_length)
-        with tf.GradientTape() as tape:
-            # No dropout: the policy that sampled. Only the sampled steps run (packed, for recurrent decoders).
-            logits, _ = decoder.forward(feats, inputs, lengths=tf.cast(tf.reduce_sum(mask, axis=1), tf.int32))
-            logits = policy_logits(logits)
-            logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
-            loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))
-        grads = dense_gradients(tape.gradient(loss, decoder.trainable_variables), decoder.trainable_variables)
-        grads, _ = tf.clip_by_global_norm(grads, settings.clip_norm)
-        optimizer.apply_gradients(zip(grads, decoder.trainable_variables))
-        return loss
-
-    def greedy(features):
-        seqs = []
-        for i in range(0, len(features), 64):
-            state = decoder.initial_state(features[i : i + 64])
-            got, _, _ = beam_search(
-                step_fn,
-                state,
-                len(state[0]),
-                1,
-                settings.max_length,
-                vocab.start_id,
-                vocab.end_id,
-                static=step_fn.static,
-                take=step_fn.take,
-            )
-            seqs.extend(got)
-        return seqs
 
     def val_cider():
-        caps = greedy(val.features)
+        caps = policy.greedy(val.features)
         return float(np.mean([val_scorer.score(val_scorer.vector(c), refs) for c, refs in zip(caps, val_refs)]))
 
-    fingerprint = _fingerprint(decoder, settings, train, val)
+    path = {**dataclasses.asdict(settings), "seed": seed}
+    weights = [np.asarray(w) for w in decoder.weights]  # the starting model
+    fingerprint = lifecycle.fingerprint(
+        decoder, path, weights, (train.features, val.features), (train.references, val.references)
+    )
 
     def fresh():
         start = val_cider()  # the cross-entropy model's score: the bar to beat
         log(f"SCST: val CIDEr-D {start:.4f} before fine-tuning")
-        return {
-            "fingerprint": fingerprint,
-            "epoch": 0,
-            "step": 0,
-            "start_val_cider": start,
-            "best_val_cider": start,
-            "best_epoch": 0,
-            "bad_epochs": 0,
-            "history": [],
-            "complete": False,
-        }
+        return lifecycle.fresh_state(fingerprint, start_val_cider=start, best_val_cider=start)
 
-    state, best_weights = begin_or_resume(checkpoint_dir, decoder, optimizer, fingerprint, fresh, on_epoch, log)
-
-    while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
-        epoch = state["epoch"] + 1
+    state, best_weights = lifecycle.begin_or_resume(
+        checkpoint_dir, decoder, optimizer, fingerprint, fresh, on_epoch, log
+    )
+    while lifecycle.running(state, settings):
         t0 = time.perf_counter()
-        order = np.random.default_rng([settings.seed, epoch]).permutation(len(train.features))
-        rewards_seen, lengths = [], []
-        n_batches = (len(order) + B - 1) // B
-        for b in tqdm(range(n_batches), desc=f"scst {epoch}", unit="batch", disable=not progress, leave=False):
-            idx = np.sort(order[b * B : (b + 1) * B])  # sorted rows: h5py-friendly, same set
-            feats = np.repeat(train.features[idx], K, axis=0)  # (B*K, L, C)
-            state["step"] += 1
-            seqs = sample(tf.constant(feats), tf.constant([settings.seed, state["step"]], tf.int32)).numpy()
-            caps = [strip_end(s, vocab.end_id) for s in seqs]
-            rewards = np.array([scorer.score(scorer.vector(c), train_refs[idx[j // K]]) for j, c in enumerate(caps)])
-            if settings.baseline == "greedy":
-                g = greedy(train.features[idx])
-                base = baseline(rewards, K, [scorer.score(scorer.vector(c), train_refs[i]) for c, i in zip(g, idx)])
-            else:
-                base = baseline(rewards, K)
-            train_step(tf.constant(feats), tf.constant(seqs, tf.int32), tf.constant(rewards - base, tf.float32))
-            rewards_seen.append(rewards.mean())
-            lengths.extend(len(c) for c in caps)
+        epoch, rewards, lengths = _epoch(state, policy, train, train_refs, scorer, settings, seed, progress)
         score = val_cider()
         metrics = {
             "epoch": epoch,
             "val_cider": round(score, 6),
-            "train_reward": round(float(np.mean(rewards_seen)), 6),
+            "train_reward": round(float(np.mean(rewards)), 6),
             "sample_words": round(float(np.mean(lengths)), 3),
             "seconds": round(time.perf_counter() - t0, 2),
         }
@@ -259,28 +208,89 @@ def fine_tune(
             f"scst epoch {epoch}: val CIDEr-D {score:.4f}, mean sample reward {metrics['train_reward']:.4f}"
             f" ({metrics['seconds']:.0f}s)"
         )
-        best_weights = end_epoch(
-            state,
-            metrics,
-            score > state["best_val_cider"],
-            {"best_val_cider": score},
-            decoder,
-            optimizer,
-            best_weights,
-            checkpoint_dir,
+        improved = score > state["best_val_cider"]
+        best_weights = lifecycle.end_epoch(
+            state, metrics, improved, {"best_val_cider": score}, decoder, optimizer, best_weights, checkpoint_dir,
             on_epoch,
-        )
-    return finish(checkpoint_dir, decoder, optimizer, state, best_weights)
+        )  # fmt: skip
+    return lifecycle.finish(checkpoint_dir, decoder, optimizer, state, best_weights)
 
 
-def _fingerprint(decoder, settings, train, val) -> str:
-    """Identity of a fine-tuning trajectory (``epochs``/``patience`` only say when to stop)."""
-    h = hashlib.blake2b(digest_size=16)
-    path = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("epochs", "patience")}
-    h.update(json.dumps([type(decoder).__name__, decoder.settings(), path], sort_keys=True).encode())
-    for w in decoder.weights:  # the starting model
-        h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
-    for data in (train, val):
-        h.update(feature_identity(data.features).encode())  # by identity: never every feature byte
-        h.update(json.dumps(data.references, default=int).encode())
-    return h.hexdigest()
+def _epoch(state, policy, train, train_refs, scorer, settings, seed, progress):
+    """One SCST epoch over ``train`` (``train_refs``: its references as CIDEr-D vectors;
+    ``state["step"]`` advances): ``(epoch, mean rewards per batch, sampled caption lengths)``."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    K, B = settings.samples, settings.batch_size
+    epoch = state["epoch"] + 1
+    order = np.random.default_rng([seed, epoch]).permutation(len(train.features))
+    rewards_seen, lengths = [], []
+    n_batches = (len(order) + B - 1) // B
+    for b in tqdm(range(n_batches), desc=f"scst {epoch}", unit="batch", disable=not progress, leave=False):
+        idx = np.sort(order[b * B : (b + 1) * B])  # sorted rows: h5py-friendly, same set
+        feats = np.repeat(train.features[idx], K, axis=0)  # (B*K, L, C)
+        state["step"] += 1
+        seqs = policy.sample(tf.constant(feats), tf.constant([seed, state["step"]], tf.int32)).numpy()
+        caps = [strip_end(s, policy.vocab.end_id) for s in seqs]
+        rewards = np.array([scorer.score(scorer.vector(c), train_refs[idx[j // K]]) for j, c in enumerate(caps)])
+        if settings.baseline == "greedy":
+            g = policy.greedy(train.features[idx])
+            base = baseline(rewards, K, [scorer.score(scorer.vector(c), train_refs[i]) for c, i in zip(g, idx)])
+        else:
+            base = baseline(rewards, K)
+        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), tf.constant(rewards - base, tf.float32))
+        rewards_seen.append(rewards.mean())
+        lengths.extend(len(c) for c in caps)
+    return epoch, rewards_seen, lengths
+
+
+class _Policy:
+    """The decoder as SCST's policy: ``sample`` (compiled), ``greedy`` captions and the
+    REINFORCE ``train_step`` (compiled once for any batch and caption length)."""
+
+    def __init__(self, decoder, vocab, optimizer, settings, feature_shape):
+        import tensorflow as tf
+
+        from .decode import make_step_fn
+
+        self.decoder, self.vocab, self.max_length = decoder, vocab, settings.max_length
+        self.sample = make_sampler(decoder, vocab.start_id, vocab.end_id, settings.max_length)
+        self._step = make_step_fn(decoder, top_k=2, end_id=vocab.end_id)  # greedy: beam 1 reads 2 candidates
+        L, C = feature_shape
+        signature = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32),
+                     tf.TensorSpec([None], tf.float32)]  # fmt: skip
+        self.train_step = tf.function(self._train_step, input_signature=signature)
+        self._optimizer, self._clip_norm = optimizer, settings.clip_norm
+
+    def _train_step(self, feats, seqs, advantage):
+        import tensorflow as tf
+
+        from .decoders.base import dense_gradients
+
+        decoder, vocab = self.decoder, self.vocab
+        inputs = tf.concat([tf.fill([tf.shape(seqs)[0], 1], vocab.start_id), seqs[:, :-1]], axis=1)
+        mask = policy_mask(seqs, self.max_length)
+        with tf.GradientTape() as tape:
+            # No dropout: the policy that sampled. Only the sampled steps run (packed, for recurrent decoders).
+            logits, _ = decoder.forward(feats, inputs, lengths=tf.cast(tf.reduce_sum(mask, axis=1), tf.int32))
+            logits = policy_logits(logits)
+            logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
+            loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))
+        grads = dense_gradients(tape.gradient(loss, decoder.trainable_variables), decoder.trainable_variables)
+        grads, _ = tf.clip_by_global_norm(grads, self._clip_norm)
+        self._optimizer.apply_gradients(zip(grads, decoder.trainable_variables))
+        return loss
+
+    def greedy(self, features):
+        """Greedy captions (token lists) of ``features``, 64 images at a time."""
+        from .beam import beam_search
+
+        seqs = []
+        for i in range(0, len(features), 64):
+            state = self.decoder.initial_state(features[i : i + 64])
+            got, _, _ = beam_search(
+                self._step, state, len(state[0]), 1, self.max_length, self.vocab.start_id, self.vocab.end_id
+            )
+            seqs.extend(got)
+        return seqs

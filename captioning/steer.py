@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .beam import normalised, take_rows
+from .beam import Step, normalised
 
 
 class Hypothesis(NamedTuple):
@@ -55,7 +55,7 @@ def check_constraints(constraints, max_length):
 
 
 def steered_search(
-    step_fn,
+    step,
     state,
     batch_size,
     beam_size,
@@ -68,31 +68,27 @@ def steered_search(
     diversity=0.0,
     constraints=(),
     block_trigrams=False,
-    static=(),
-    take=take_rows,
 ):
     """Per item, its finished captions as :class:`Hypothesis` lists, best first (see the module
-    docstring): ``n_best`` per set, and one list per item (the groups' captions merged)."""
+    docstring): ``n_best`` per set, and one list per item (the groups' captions merged).
+    ``step``: a :class:`captioning.beam.Step` (or a plain step function)."""
     constraints = [tuple(tuple(alt) for alt in c) for c in constraints]
     check_constraints(constraints, max_length)
     if constraints and groups > 1:
         raise ValueError("diverse groups and constraints do not combine (each makes its own sets of beams)")
     plan = _Plan(beam_size, max_length, length_penalty, n_best, end_id, diversity, constraints, groups)
     B, R, T = batch_size, plan.R, max_length
-    fixed = {i % len(state) for i in static}
+    step = Step.of(step)
     finished = _Finished(plan, B)
     scores = np.tile(plan.start_scores(), (B, 1))  # (B, R): the model's log-probability of each row's prefix
     tokens = np.full((B, R), start_id, np.int64)
     seqs = [[() for _ in range(R)] for _ in range(B)]
     for t in range(1, T + 2):
         if t == 1:  # every row of an item starts from <start> in the same state: one row each, then copied
-            out, state = step_fn(tokens[:, 0], state)
-            first = np.repeat(np.arange(B), R)
-            lp = np.asarray(take_rows(out, first), np.float64).reshape(B, R, -1)
-            state = tuple(s if i in fixed else take(s, first) for i, s in enumerate(state))
+            out, state = step.first(tokens[:, 0], state, R)
         else:
-            out, state = step_fn(tokens.reshape(-1), state)
-            lp = np.asarray(out, np.float64).reshape(B, R, -1)
+            out, state = step(tokens.reshape(-1), state)
+        lp = np.asarray(out, np.float64).reshape(B, R, -1)
         if block_trigrams:
             lp = _block_trigrams(lp, seqs)
         steps = [_advance(plan, finished, b, t, scores[b], lp[b], seqs[b]) for b in range(B)]
@@ -107,8 +103,7 @@ def steered_search(
         scores[done] = -np.inf  # done items stop growing
         if done.all():
             break
-        rows = (np.arange(B)[:, None] * R + keep).reshape(-1)
-        state = tuple(s if i in fixed else take(s, rows) for i, s in enumerate(state))
+        state = step.reorder(state, (np.arange(B)[:, None] * R + keep).reshape(-1))
     return [finished.results(b) for b in range(B)]
 
 
@@ -235,7 +230,7 @@ def _block_trigrams(lp, seqs):
 
 
 def sample(
-    step_fn,
+    step,
     state,
     batch_size,
     n,
@@ -246,8 +241,6 @@ def sample(
     top_k=0,
     top_p=1.0,
     seed=0,
-    static=(),
-    take=take_rows,
 ):
     """``n`` sampled captions per item as :class:`Hypothesis` lists (in draw order), seeded.
 
@@ -255,23 +248,19 @@ def sample(
     ``top_k`` most probable tokens (0: all) and to the smallest set whose probability reaches
     ``top_p`` (nucleus). A caption still open after ``max_length`` words closes with ``<end>``, as
     in beam search. Scores are the model's own log-probabilities of the captions (untempered).
-    ``top_k=1`` is greedy decoding.
+    ``top_k=1`` is greedy decoding. ``step``: a :class:`captioning.beam.Step` (or a function).
     """
     if temperature <= 0 or not (0 < top_p <= 1) or top_k < 0:
         raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     rng = np.random.default_rng(seed)
     N = batch_size * n
-    fixed = {i % len(state) for i in static}
-    rows = np.repeat(np.arange(batch_size), n)
+    step = Step.of(step)
     tokens = np.full(batch_size, start_id, np.int64)
     raw, open_ = np.zeros(N), np.ones(N, bool)
     seqs = [[] for _ in range(N)]
     for t in range(1, max_length + 2):
-        out, state = step_fn(tokens, state)
+        out, state = step.first(tokens, state, n) if t == 1 else step(tokens, state)
         lp = np.asarray(out, np.float64)
-        if t == 1:
-            lp = lp[rows]
-            state = tuple(s if i in fixed else take(s, rows) for i, s in enumerate(state))
         if t == max_length + 1:
             words = np.full(N, end_id)
         else:

@@ -1,121 +1,72 @@
-"""Teacher-forced training with early stopping and resumable checkpoints.
+"""Teacher-forced training: the train section's settings, the epoch loop and its compiled steps.
 
-A checkpoint (written after every epoch, atomically) holds the current and best weights,
-the optimizer's variables and the loop state. Batches are drawn from an RNG seeded by
-``(seed, epoch)`` and dropout masks from ``(seed, step)``, so a run resumed from a checkpoint
-follows exactly the path of one that was never interrupted.
+Batches are drawn from an RNG seeded by ``(seed, epoch)`` and dropout masks from ``(seed,
+step)``, so a run resumed from its checkpoint (:mod:`captioning.lifecycle`) follows exactly
+the path of one that was never interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
-from pathlib import Path
 
-import h5py
 import numpy as np
 
+from . import config, lifecycle
+from .caption_set import CaptionSet
 from .errors import CaptioningError
-from .feature_store import feature_identity
-from .files import atomic_path
 
 
 @dataclasses.dataclass
-class CaptionSet:
-    """Training examples: one row per caption, pointing at its image's features.
+class TrainSettings:
+    """The ``train`` section of params.yaml: the decoder and how it is trained (no defaults here:
+    params.yaml holds them)."""
 
-    ``features`` is a :class:`captioning.feature_store.FeatureRows` (rows read from disk a
-    batch at a time) or, for small data, the same rows as an in-memory array.
-    """
+    decoder: str = config.field()  # a captioning.decoders.DECODERS entry
+    attention: bool = config.field()  # soft attention over the feature map; false = image as initial state
+    blind: bool = config.field()  # zero the image features (the no-image baseline)
+    embed_dim: int = config.field(lo=1)
+    units: int = config.field(lo=1)
+    attention_units: int = config.field(lo=1)
+    num_layers: int = config.field(lo=1, hi=24)
+    num_heads: int = config.field(lo=1, hi=64)
+    dropout: float = config.field(lo=0.0, hi=0.95)
+    attention_reg: float = config.field(lo=0.0)  # weight of the decoder's own term (the attention prior)
+    label_smoothing: float = config.field(lo=0.0, hi=0.5)  # training targets (1 - eps) one-hot + eps / V
+    batch_size: int = config.field(lo=1)
+    learning_rate: float = config.field(lo=1e-7, hi=1.0)
+    lr_decay: float = config.field(lo=0.01, hi=1.0)  # epoch e trains at learning_rate * lr_decay**(e-1)
+    epochs: int = config.field(lo=1)
+    patience: int = config.field(lo=1)  # epochs without a lower val loss before stopping
+    clip_norm: float = config.field(lo=0.0)
+    bucket: int = config.field(lo=0)  # batches per length-sorted pool (0: plain shuffle); less padding
+    read_block: int = config.field(lo=1)  # images per shuffled block of feature rows (1: full shuffle)
+    strategy: str = config.field(choices=("auto", "default", "mirrored", "multi_worker"))  # captioning.distribute
+    jit: bool = config.field()  # XLA-compile the training step (one compile per batch shape)
+    precision: str = config.field(choices=("float32", "mixed_bfloat16"))  # captioning.decoders.PRECISIONS
 
-    features: object  # (N_images, L, C): FeatureRows or a float32 array
-    tokens: np.ndarray  # (N_captions, T) int32, <start> ... <end> then 0 padding
-    image_rows: np.ndarray  # (N_captions,) row of each caption's image in ``features``
-    # Augmentation: the row of each caption's mirror image; a shuffled epoch reads it instead for
-    # a seeded half of the captions, their words mapped through ``mirror_words`` (left <-> right).
-    mirror_rows: np.ndarray | None = None  # (N_captions,)
-    mirror_words: np.ndarray | None = None  # (V,) token id -> token id in the mirror image's caption
+    def validate(self, section):
+        from .decoders import DECODERS
 
-    def batches(self, batch_size, rng=None, bucket=0, block=1, prefetch_depth=2):
-        """Yield ``(features (B, L, C), tokens (B, T_b))``, trimmed to the batch's longest caption.
+        if self.decoder not in DECODERS:
+            raise CaptioningError(f"{section}.decoder: must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+        cls = DECODERS[self.decoder]
+        optional = "attention" in cls.SETTINGS  # else the decoder reads the image only through attention
+        if not optional and not self.attention:
+            raise CaptioningError(
+                f"{section}.attention: the {self.decoder} decoder reads the image only through attention; set it true"
+            )
+        if self.attention_reg > 0 and not (cls.ATTENTION_PRIOR and self.attention):
+            raise CaptioningError(
+                f"{section}.attention_reg: {self.attention_reg}, but the {self.decoder} decoder"
+                f"{' without attention' if optional else ''} has no attention prior to weigh (set it to 0)"
+            )
 
-        With ``rng``: the seeded epoch order of :func:`captioning.batching.batch_order`. Without
-        (evaluation): every caption in file order, or sorted by length when ``bucket`` > 1. The
-        order is fixed before the first batch is read; a thread reads ``prefetch_depth`` ahead.
-        """
-        for _, _, [(feats, toks, _)] in self.replica_batches(
-            batch_size, rng, bucket=bucket, block=block, prefetch_depth=prefetch_depth
-        ):
-            yield feats, toks
+    def decoder_settings(self) -> dict:
+        """The constructor arguments of the chosen decoder (its ``SETTINGS``)."""
+        from .decoders import DECODERS
 
-    def replica_batches(self, batch_size, rng=None, bucket=0, block=1, replicas=1, local=(0,), prefetch_depth=2):
-        """The batches of ``batches`` (one per replica with ``replicas`` 1), each cut for
-        ``replicas`` replicas (captioning.distribute).
-
-        Yields ``(n, n_tokens, parts)``: the batch's caption count, its real target tokens (the
-        loss divisor), and for each replica id in ``local`` (this process's replicas)
-        ``(features (m, L, C), tokens (m, T_b), offset)``, padded to ``m = ceil(n / replicas)``
-        rows with empty captions. Only the local replicas' rows are read.
-        """
-        from .batching import batch_order, prefetch
-        from .distribute import replica_slices
-
-        lengths = (self.tokens > 0).sum(axis=1)
-        rows, tokens = self.image_rows, self.tokens
-        if rng is not None:
-            order = batch_order(lengths, self.image_rows, batch_size, rng, bucket=bucket, block=block)
-            if self.mirror_rows is not None:  # drawn after the order: without mirrors, the same epochs
-                rows, tokens = self.mirrored(rng.random(len(rows)) < 0.5)
-        else:
-            seq = np.argsort(lengths, kind="stable") if bucket > 1 else np.arange(len(self.tokens))
-            order = [seq[i : i + batch_size] for i in range(0, len(seq), batch_size)]
-        L, C = self.features.shape[1:]
-
-        def read():
-            for idx in order:
-                m, slices = replica_slices(len(idx), replicas)
-                mine = [slices[r] for r in local]
-                lo, hi = min(a for a, _ in mine), max(b for _, b in mine)  # local replicas are contiguous
-                feats = self.features[rows[idx[lo:hi]]] if hi > lo else None
-                toks = tokens[idx][:, : int(lengths[idx].max())]
-                parts = []
-                for a, b in mine:
-                    if (a, b) == (0, m) == (lo, hi):  # one replica (or the whole read): no copy
-                        parts.append((feats, toks[a:b], a))
-                        continue
-                    f = np.zeros((m, L, C), np.float32)
-                    t = np.zeros((m, toks.shape[1]), np.int32)
-                    if b > a:
-                        f[: b - a], t[: b - a] = feats[a - lo : b - lo], toks[a:b]
-                    parts.append((f, t, a))
-                yield len(idx), int((toks[:, 1:] > 0).sum()), parts
-
-        return prefetch(read(), prefetch_depth) if prefetch_depth > 0 else read()
-
-    def mirrored(self, flip):
-        """``(image rows, tokens)`` with the captions where ``flip`` (N_captions,) is set reading
-        their mirror image, their words mirrored."""
-        rows = np.where(flip, self.mirror_rows, self.image_rows)
-        words = self.mirror_words if self.mirror_words is not None else np.arange(int(self.tokens.max()) + 1)
-        return rows, np.where(flip[:, None], words[self.tokens], self.tokens).astype(self.tokens.dtype)
-
-
-@dataclasses.dataclass
-class FitSettings:
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    lr_decay: float = 1.0  # learning rate multiplier per epoch: epoch e trains at lr * lr_decay**(e-1)
-    epochs: int = 10
-    patience: int = 3  # epochs without val-loss improvement before stopping
-    attention_reg: float = 0.01  # weight of the decoder's own loss term (the attention prior)
-    label_smoothing: float = 0.0  # the training loss's target: (1 - eps) one-hot + eps / V (val loss: plain)
-    clip_norm: float = 5.0
-    seed: int = 0
-    bucket: int = 0  # batches per length-sorting pool (0 or 1: plain shuffle); see batching.py
-    read_block: int = 1  # images per shuffled block of feature rows (1: any image with any)
-    jit: bool = False  # XLA-compile the forward and backward pass (one compile per batch shape)
+        return {k: getattr(self, k) for k in DECODERS[self.decoder].SETTINGS}
 
 
 LOGGED = ("train_loss", "val_loss", "val_perplexity", "learning_rate")  # per-epoch curves
@@ -128,69 +79,20 @@ def best_epoch_metrics(state) -> dict:
     return {**{k: best[k] for k in LOGGED}, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"]}
 
 
-def _fingerprint(model, settings, train, val) -> str:
-    """Identity of a training trajectory. ``epochs`` and ``patience`` only decide when to stop,
-    not the path, so they are left out: a run can be resumed with a longer or shorter schedule."""
-    h = hashlib.blake2b(digest_size=16)
-    path = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("epochs", "patience")}
-    h.update(json.dumps([type(model).__name__, model.settings(), path], sort_keys=True).encode())
-    if model.dtype_policy.name != "float32":  # mixed precision takes another path
-        h.update(model.dtype_policy.name.encode())
-    for data in (train, val):
-        # The features by identity (the file's stored content hash and the rows used), never
-        # by reading every byte: a COCO-sized file is tens of GB.
-        h.update(feature_identity(data.features).encode())
-        for arr in (data.tokens, data.image_rows, data.mirror_rows, data.mirror_words):
-            if arr is None:  # no mirror images: nothing to add
-                continue
-            h.update(str(arr.shape).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(path, model, optimizer, state, best_weights):
-    """Write the whole checkpoint to a temporary folder, then swap it in."""
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        model.save_weights(tmp / "last.weights.h5")
-        with h5py.File(tmp / "best.weights.h5", "w") as f:
-            for i, w in enumerate(best_weights):
-                f[f"w{i:04d}"] = w
-        with h5py.File(tmp / "optimizer.h5", "w") as f:
-            for i, v in enumerate(optimizer.variables):
-                f[f"v{i:04d}"] = np.asarray(v)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-
-
-def load_checkpoint(path, model, optimizer, fingerprint):
-    """Restore model/optimizer/state from ``path`` when it matches ``fingerprint``; else None."""
-    path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.is_dir() and old.is_dir():  # killed mid-swap: the previous checkpoint is intact
-        path = old
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        return None
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        return None
-    if state.get("fingerprint") != fingerprint or state.get("complete"):
-        return None
-    model.load_weights(path / "last.weights.h5")
-    with h5py.File(path / "optimizer.h5", "r") as f:
-        for i, v in enumerate(optimizer.variables):
-            v.assign(f[f"v{i:04d}"][()])  # [()] reads scalars (the step counter) too
-    with h5py.File(path / "best.weights.h5", "r") as f:
-        best = [f[k][()] for k in sorted(f)]
-    return state, best
+def fingerprint(model, train: CaptionSet, val: CaptionSet, settings: TrainSettings, seed: int) -> str:
+    """The identity of a training path (:func:`captioning.lifecycle.fingerprint`): the model, the
+    settings and seed, the captions and the features by identity (any strategy: the same path)."""
+    path = {**dataclasses.asdict(settings), "seed": seed, "strategy": None}
+    data = [d for s in (train, val) for d in (s.tokens, s.image_rows, s.mirror_rows, s.mirror_words) if d is not None]
+    return lifecycle.fingerprint(model, path, data, (train.features, val.features))
 
 
 def fit(
     model,
     train: CaptionSet,
     val: CaptionSet,
-    settings: FitSettings,
+    settings: TrainSettings,
+    seed: int,
     checkpoint_dir,
     on_epoch=None,
     progress=True,
@@ -206,103 +108,38 @@ def fit(
     """
     import keras
     import tensorflow as tf
-    from tqdm import tqdm
 
-    from .distribute import is_chief, local_replica_ids, worker_name
+    from .distribute import is_chief, local_replica_ids
 
     if len(train.tokens) == 0 or len(val.tokens) == 0:
         raise CaptioningError("training needs captions in both the train and the val split")
     strategy = strategy or tf.distribute.get_strategy()
-    replicas, local, chief = strategy.num_replicas_in_sync, local_replica_ids(strategy), is_chief(strategy)
+    local, chief = local_replica_ids(strategy), is_chief(strategy)
     with strategy.scope():  # the variables: mirrored on every replica
         model.build()
         optimizer = keras.optimizers.Adam(settings.learning_rate)
         optimizer.build(model.trainable_variables)
-    # With length buckets a batch of short captions has few tokens; dividing its loss by its
-    # own token count would weigh each of those tokens more than a long caption's. Dividing by
-    # the epoch's mean tokens per batch instead weighs every token alike, as a shuffled epoch
-    # does on average. Without buckets the batch's own count is used, as always.
-    per_batch = float((train.tokens[:, 1:] > 0).sum()) * settings.batch_size / len(train.tokens)
-    train_step, val_step, inputs = _steps(model, optimizer, settings, strategy, train.features.shape[1:], local)
-
-    fingerprint = _fingerprint(model, settings, train, val)
-    state, best_weights = begin_or_resume(
+    steps = _steps(model, optimizer, settings, strategy, train.features.shape[1:], local)
+    fp = fingerprint(model, train, val, settings, seed)
+    state, best_weights = lifecycle.begin_or_resume(
         checkpoint_dir,
         model,
         optimizer,
-        fingerprint,
-        lambda: {
-            "fingerprint": fingerprint,
-            "epoch": 0,
-            "step": 0,
-            "best_val_loss": None,
-            "best_epoch": 0,
-            "bad_epochs": 0,
-            "history": [],
-            "complete": False,
-        },
+        fp,
+        lambda: lifecycle.fresh_state(fp, best_val_loss=None),
         on_epoch,
         log,
     )
-    if replicas > 1:
+    if strategy.num_replicas_in_sync > 1:
         _check_agreement(strategy, state, checkpoint_dir)
-
-    def batches(data, rng=None):
-        return data.replica_batches(
-            settings.batch_size, rng, bucket=settings.bucket, block=settings.read_block, replicas=replicas, local=local
-        )
-
-    while state["epoch"] < settings.epochs and state["bad_epochs"] < settings.patience:
-        epoch = state["epoch"] + 1
-        t0 = time.perf_counter()
-        # Set from the epoch number alone, so a resumed run trains at the same rate.
-        lr = settings.learning_rate * settings.lr_decay ** (epoch - 1)
-        optimizer.learning_rate.assign(lr)
-        rng = np.random.default_rng([settings.seed, epoch])
-        total, n = 0.0, 0
-        n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
-        bar = tqdm(
-            batches(train, rng), total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False
-        )
-        try:
-            for n_rows, n_tokens, parts in bar:
-                state["step"] += 1
-                seed = tf.constant([settings.seed, state["step"]], tf.int32)
-                norm = tf.constant(per_batch if settings.bucket > 1 else max(n_tokens, 1), tf.float32)
-                loss, ce_sum, count = (float(x) for x in train_step(*inputs(parts, n_rows), seed, norm))
-                if not np.isfinite(loss):
-                    raise CaptioningError(
-                        f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); "
-                        "lower train.learning_rate"
-                    )
-                total, n = total + ce_sum, n + count  # train_loss: cross-entropy per real token
-                bar.set_postfix(loss=f"{total / n:.3f}")
-            ce, count = 0.0, 0.0
-            for n_rows, _, parts in batches(val):
-                s, c = val_step(*inputs(parts, n_rows)[:2])
-                ce, count = ce + float(s), count + float(c)
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as e:
-            if replicas == 1:
-                raise
-            raise CaptioningError(
-                f"{worker_name(strategy)}: lost another worker at epoch {epoch} step {state['step']} "
-                f"({type(e).__name__}). Start every worker again with the same command: training resumes "
-                f"from the checkpoint after epoch {state['epoch']}."
-            ) from None
-        val_loss = ce / count
-        metrics = {
-            "epoch": epoch,
-            "train_loss": round(total / n, 6),
-            "val_loss": round(val_loss, 6),
-            "val_perplexity": round(float(np.exp(val_loss)), 4),
-            "learning_rate": float(f"{lr:.6g}"),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+    while lifecycle.running(state, settings):
+        metrics, val_loss = _epoch(state, model, optimizer, steps, train, val, settings, seed, strategy, progress)
         log(
-            f"epoch {epoch}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f} ({metrics['seconds']:.0f}s)"
+            f"epoch {metrics['epoch']}: train_loss {metrics['train_loss']:.4f} val_loss {val_loss:.4f}"
+            f" ({metrics['seconds']:.0f}s)"
         )
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-        best_weights = end_epoch(
+        best_weights = lifecycle.end_epoch(
             state,
             metrics,
             improved,
@@ -313,7 +150,73 @@ def fit(
             checkpoint_dir if chief else None,
             on_epoch,
         )
-    return finish(checkpoint_dir if chief else None, model, optimizer, state, best_weights)
+    return lifecycle.finish(checkpoint_dir if chief else None, model, optimizer, state, best_weights)
+
+
+def _epoch(state, model, optimizer, steps, train, val, settings, seed, strategy, progress):
+    """Train one epoch (``state["step"]`` advances), then the val loss: ``(the epoch's metrics,
+    the val loss unrounded)``."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from .distribute import local_replica_ids, worker_name
+
+    train_step, val_step, inputs = steps
+    replicas, local = strategy.num_replicas_in_sync, local_replica_ids(strategy)
+    epoch, t0 = state["epoch"] + 1, time.perf_counter()
+    # Set from the epoch number alone, so a resumed run trains at the same rate.
+    lr = settings.learning_rate * settings.lr_decay ** (epoch - 1)
+    optimizer.learning_rate.assign(lr)
+    # With length buckets a batch of short captions has few tokens; dividing its loss by its
+    # own token count would weigh each of those tokens more than a long caption's. Dividing by
+    # the epoch's mean tokens per batch instead weighs every token alike, as a shuffled epoch
+    # does on average. Without buckets the batch's own count is used, as always.
+    per_batch = float((train.tokens[:, 1:] > 0).sum()) * settings.batch_size / len(train.tokens)
+
+    def batches(data, rng=None):
+        return data.replica_batches(
+            settings.batch_size, rng, bucket=settings.bucket, block=settings.read_block, replicas=replicas, local=local
+        )
+
+    total, n = 0.0, 0
+    n_batches = (len(train.tokens) + settings.batch_size - 1) // settings.batch_size
+    rng = np.random.default_rng([seed, epoch])
+    bar = tqdm(batches(train, rng), total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not progress,
+               leave=False)  # fmt: skip
+    try:
+        for n_rows, n_tokens, parts in bar:
+            state["step"] += 1
+            step_seed = tf.constant([seed, state["step"]], tf.int32)
+            norm = tf.constant(per_batch if settings.bucket > 1 else max(n_tokens, 1), tf.float32)
+            loss, ce_sum, count = (float(x) for x in train_step(*inputs(parts, n_rows), step_seed, norm))
+            if not np.isfinite(loss):
+                raise CaptioningError(
+                    f"training diverged at epoch {epoch} step {state['step']} (loss {loss}); lower train.learning_rate"
+                )
+            total, n = total + ce_sum, n + count  # train_loss: the training loss per real token
+            bar.set_postfix(loss=f"{total / n:.3f}")
+        ce, count = 0.0, 0.0
+        for n_rows, _, parts in batches(val):
+            s, c = val_step(*inputs(parts, n_rows)[:2])
+            ce, count = ce + float(s), count + float(c)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as e:
+        if replicas == 1:
+            raise
+        raise CaptioningError(
+            f"{worker_name(strategy)}: lost another worker at epoch {epoch} step {state['step']} "
+            f"({type(e).__name__}). Start every worker again with the same command: training resumes "
+            f"from the checkpoint after epoch {state['epoch']}."
+        ) from None
+    val_loss = ce / count
+    metrics = {
+        "epoch": epoch,
+        "train_loss": round(total / n, 6),
+        "val_loss": round(val_loss, 6),
+        "val_perplexity": round(float(np.exp(val_loss)), 4),
+        "learning_rate": float(f"{lr:.6g}"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return metrics, val_loss
 
 
 def _steps(model, optimizer, settings, strategy, feature_shape, local):
@@ -423,45 +326,3 @@ def _check_agreement(strategy, state, checkpoint_dir):
             f"the workers disagree on where training starts (this one: step {state['step']}): every worker "
             f"needs the same data and must see the same checkpoint folder {checkpoint_dir} (a shared path)"
         )
-
-
-def begin_or_resume(checkpoint_dir, model, optimizer, fingerprint, fresh, on_epoch, log):
-    """``(state, best weights)`` from a checkpoint matching ``fingerprint``, its history replayed to
-    ``on_epoch`` so loggers see every epoch; else ``fresh()`` and the model's current weights."""
-    restored = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
-    if not restored:
-        return fresh(), [np.asarray(w) for w in model.weights]
-    state, best_weights = restored
-    log(f"resuming from {checkpoint_dir} after epoch {state['epoch']}")
-    for m in state["history"]:
-        if on_epoch:
-            on_epoch(m["epoch"], m)
-    return state, best_weights
-
-
-def end_epoch(state, metrics, improved, best, model, optimizer, best_weights, checkpoint_dir, on_epoch):
-    """Record a finished epoch: its history row, the best so far (``best``: the state keys to set
-    when it ``improved``) or one more epoch of patience spent, an atomic checkpoint, the callback.
-    Returns the best weights."""
-    state["history"].append(metrics)
-    state["epoch"] = metrics["epoch"]
-    if improved:
-        state.update(best, best_epoch=metrics["epoch"], bad_epochs=0)
-        best_weights = [np.asarray(w) for w in model.weights]
-    else:
-        state["bad_epochs"] += 1
-    if checkpoint_dir is not None:  # None: not the chief worker, which alone writes
-        save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
-    if on_epoch:
-        on_epoch(metrics["epoch"], metrics)
-    return best_weights
-
-
-def finish(checkpoint_dir, model, optimizer, state, best_weights):
-    """Leave the best weights in ``model`` and mark the checkpoint complete (it is not resumed)."""
-    for var, w in zip(model.weights, best_weights):
-        var.assign(w)
-    state["complete"] = True
-    if checkpoint_dir is not None:
-        save_checkpoint(checkpoint_dir, model, optimizer, state, best_weights)
-    return state

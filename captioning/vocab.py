@@ -13,6 +13,8 @@ import numpy as np
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3: <pad> must be 0 (masking relies on it)
+# Never a word of a generated caption: a caption of real words always beats one that says "<unk>".
+NEVER_GENERATED = tuple(SPECIALS.index(t) for t in (PAD, START, UNK))
 
 
 def make_tokenizer():
@@ -37,19 +39,19 @@ class Vocabulary:
 
     @property
     def pad_id(self):
-        return 0
+        return SPECIALS.index(PAD)
 
     @property
     def start_id(self):
-        return 1
+        return SPECIALS.index(START)
 
     @property
     def end_id(self):
-        return 2
+        return SPECIALS.index(END)
 
     @property
     def unk_id(self):
-        return 3
+        return SPECIALS.index(UNK)
 
     def __len__(self):
         return len(self.words)

@@ -6,42 +6,7 @@ import click
 
 from captioning import config
 from captioning.cli import seed_everything, user_errors
-from captioning.errors import CaptioningError
 from captioning.files import atomic_path, write_json
-
-
-@config.dataclasses.dataclass
-class Params:
-    enabled: bool = config.field()  # false: the cross-entropy model passes through unchanged
-    samples: int = config.field(lo=1, hi=64)  # captions sampled per image (the mean baseline needs 2)
-    baseline: str = config.field(choices=("mean", "greedy"))  # mean of the other samples, or greedy's reward
-    batch_size: int = config.field(lo=1)  # images per step
-    learning_rate: float = config.field(lo=1e-8, hi=1.0)
-    epochs: int = config.field(lo=1)
-    patience: int = config.field(lo=1)  # epochs without a better val CIDEr-D before stopping
-    max_length: int = config.field(lo=1, hi=200)  # words per sampled caption
-    clip_norm: float = config.field(lo=0.0)
-
-    def validate(self, section):
-        if self.baseline == "mean" and self.samples < 2:
-            raise CaptioningError(
-                f"{section}.samples: the mean baseline averages an image's other samples, so it needs 2 or more"
-                f" (got {self.samples}; or set {section}.baseline: greedy)"
-            )
-
-
-def image_set(store, captions_h5, split):
-    """The split's images with features and their references (token ids without specials)."""
-    from captioning.scst import ImageSet
-    from captioning.vocab import load_encoded
-
-    images, tokens = load_encoded(captions_h5, split)
-    refs = {}
-    for image, row in zip(images, tokens):
-        if image in store.index:  # images the features stage skipped are left out
-            refs.setdefault(image, []).append([int(t) for t in row if t >= 3])  # words and <unk>
-    keys = sorted(refs)
-    return ImageSet(store.rows(keys), [refs[k] for k in keys])  # features read from disk per batch
 
 
 @click.command()
@@ -63,7 +28,9 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
     references), subtracts the baseline and follows the policy gradient; early stopping on the
     val split's greedy CIDEr-D; atomic per-epoch checkpoints in CHECKPOINT, exact resume.
     """
-    params = config.load_params(params_file, {"finetune": Params})
+    from captioning.scst import FinetuneSettings
+
+    params = config.load_params(params_file, {"finetune": FinetuneSettings})
     p, seed = params["finetune"], params["seed"]
     from pathlib import Path
 
@@ -80,24 +47,13 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
     from captioning.cider import CiderD
     from captioning.feature_store import FeatureStore
     from captioning.model_folder import load_model, save_model
-    from captioning.scst import SCSTSettings, fine_tune
+    from captioning.scst import fine_tune, image_set
 
     model = load_model(model_dir)
     model.decoder.check_max_length(p.max_length, "finetune.max_length")
     store = FeatureStore(features)
-    train, val = image_set(store, captions, "train"), image_set(store, captions, "val")
+    train, val = image_set(store, captions, "train", model.vocab), image_set(store, captions, "val", model.vocab)
     base = len(model.vocab) + 1
-    settings = SCSTSettings(
-        samples=p.samples,
-        baseline=p.baseline,
-        batch_size=p.batch_size,
-        learning_rate=p.learning_rate,
-        epochs=p.epochs,
-        patience=p.patience,
-        max_length=p.max_length,
-        clip_norm=p.clip_norm,
-        seed=seed,
-    )
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
 
         def on_epoch(epoch, m):
@@ -112,7 +68,8 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
             val,
             CiderD(train.references, base),
             CiderD(val.references, base),
-            settings,
+            p,
+            seed,
             checkpoint,
             on_epoch=on_epoch,
             progress=progress,

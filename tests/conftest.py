@@ -48,6 +48,14 @@ TINY_PARAMS = merged(
 )
 
 
+def params_section(cls, section, **overrides):
+    """params.yaml's ``section`` as the settings dataclass ``cls`` (validated), with ``overrides``:
+    tests start from the one home of the defaults too."""
+    from captioning import config
+
+    return config.load_section(ROOT / "params.yaml", section, cls, **overrides)
+
+
 @pytest.fixture
 def tiny_params(tmp_path):
     """Write the tiny params to tmp_path/params.yaml; returns (path, dict)."""

@@ -204,7 +204,7 @@ def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(
     the same again with the state kept in TensorFlow between steps (``take``)."""
     import keras
 
-    from captioning.beam import Candidates
+    from captioning.beam import Candidates, Step
     from captioning.decode import make_step_fn
     from captioning.decoders import build_decoder
 
@@ -219,11 +219,11 @@ def test_image_once_per_item_and_candidates_picked_in_tensorflow_change_nothing(
     for k in (1, 3):
         fast = make_step_fn(m, top_k=k + 1, end_id=2)
         assert isinstance(fast(np.ones(5, np.int64), state)[0], Candidates)
-        got = beam_search(fast, state, 5, k, 6, 1, 2, static=fast.static)
-        want = beam_search(plain, state, 5, k, 6, 1, 2)
+        got = beam_search(Step(fast, fast.static), state, 5, k, 6, 1, 2)  # numpy state, numpy take
+        want = beam_search(Step(plain), state, 5, k, 6, 1, 2)  # every part repeated per row
         assert got[0] == want[0] and got[2] == want[2]
         # The state kept in TensorFlow (tensors in, tf.gather to reorder): the very same search.
-        kept = beam_search(fast, m.initial_state(feats), 5, k, 6, 1, 2, static=fast.static, take=fast.take)
+        kept = beam_search(fast, m.initial_state(feats), 5, k, 6, 1, 2)
         assert kept == got
 
 
@@ -233,6 +233,7 @@ def test_the_step_is_traced_once_for_every_row_count(decoder):
     finish (and the Transformer's state grows a step each call): one graph serves them all."""
     import keras
 
+    from captioning.beam import Step
     from captioning.decode import make_step_fn
     from captioning.decoders import build_decoder
 
@@ -247,7 +248,7 @@ def test_the_step_is_traced_once_for_every_row_count(decoder):
         rows.append(len(tokens))
         return step_fn(tokens, state)
 
-    beam_search(counted, m.initial_state(feats), 16, 3, 8, 1, 2, static=step_fn.static, take=step_fn.take)
+    beam_search(Step(counted, step_fn.static, step_fn.take), m.initial_state(feats), 16, 3, 8, 1, 2)
     assert rows[0] == 16 and rows[1] > 16 and len(set(rows)) > 2
     assert step_fn.traces() == 1
 

@@ -231,7 +231,8 @@ def test_a_vocabulary_that_does_not_fit_the_model_is_refused(tmp_path):
 def test_pad_start_and_unk_are_never_generated(variant):
     """Even a model that prefers them: their log-probability is -inf, so no beam takes them."""
     from captioning.beam import beam_search
-    from captioning.decode import NEVER_GENERATED, make_step_fn
+    from captioning.decode import make_step_fn
+    from captioning.vocab import NEVER_GENERATED
 
     m = tiny(variant)
     kernel, bias = m.out_logits.get_weights()

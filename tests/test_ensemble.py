@@ -49,8 +49,7 @@ def test_teacher_forcing_agrees_with_the_steps(ensemble):
 
 def test_the_reference_and_the_compiled_search_agree_on_an_ensemble(ensemble):
     step_fn = make_step_fn(ensemble, top_k=4, end_id=VOCAB.end_id)
-    want = beam_search(step_fn, ensemble.initial_state(FEATS), 5, 3, 7, VOCAB.start_id, VOCAB.end_id,
-                       static=step_fn.static, take=step_fn.take)  # fmt: skip
+    want = beam_search(step_fn, ensemble.initial_state(FEATS), 5, 3, 7, VOCAB.start_id, VOCAB.end_id)
     got = graph_search(ensemble, VOCAB, 3, 7)(FEATS)
     assert got[0] == want[0]
     np.testing.assert_allclose(got[2], want[2], rtol=1e-5)

@@ -142,7 +142,6 @@ def test_real_decoders_caption_as_the_reference_and_trace_once(decoder):
             got = search(feats[:n])
             want = beam_search(
                 step_fn, m.initial_state(feats[:n]), n, beam, 9, vocab.start_id, vocab.end_id,
-                static=step_fn.static, take=step_fn.take,
             )  # fmt: skip
             assert got[0] == want[0]
             np.testing.assert_allclose(got[2], want[2], rtol=1e-5)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from conftest import params_section
 
 from captioning.cider import CiderD
 from captioning.decoders import build_decoder
-from captioning.scst import ImageSet, SCSTSettings, baseline, fine_tune, make_sampler, strip_end
+from captioning.scst import FinetuneSettings, ImageSet, baseline, fine_tune, make_sampler, strip_end
 from captioning.vocab import SPECIALS, Vocabulary
 
 
@@ -84,7 +85,10 @@ def test_the_policy_excludes_the_tokens_it_never_samples():
     np.testing.assert_allclose(np.exp(logp.numpy())[:, [2, 4, 5, 6, 7, 8]].sum(axis=1), 1.0, rtol=1e-6)
 
 
-SETTINGS = SCSTSettings(samples=4, batch_size=6, learning_rate=0.05, epochs=4, patience=4, max_length=4, seed=3)
+SETTINGS = params_section(
+    FinetuneSettings, "finetune", enabled=True, samples=4, batch_size=6, learning_rate=0.05, epochs=4, patience=4,
+    max_length=4,
+)  # fmt: skip
 
 
 def run(tmp_path, name, settings=SETTINGS, decoder=None, log=None, on_epoch=None):
@@ -99,6 +103,7 @@ def run(tmp_path, name, settings=SETTINGS, decoder=None, log=None, on_epoch=None
         CiderD(train.references, base),
         CiderD(val.references, base),
         settings,
+        3,
         tmp_path / name,
         on_epoch=on_epoch,
         progress=False,

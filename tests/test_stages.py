@@ -214,10 +214,11 @@ def test_evaluate_keeps_every_caption_of_a_steered_search(tiny_run, tmp_path, st
 
 
 def test_train_reads_mirror_images_when_the_features_have_them(tmp_path, tiny_params, monkeypatch):
-    """features.flip: the features file holds every image and its mirror image; the train stage
-    gives its training set the mirror rows (left and right swapped in their words) and trains."""
+    """features.flip: the features file holds every image and its mirror image; the training set
+    gets the mirror rows (left and right swapped in their words) and the train stage trains on it."""
     from conftest import invoke, prepare_training_data
 
+    from captioning.caption_set import caption_set
     from captioning.feature_store import FeatureStore
     from captioning.vocab import Vocabulary
 
@@ -229,11 +230,11 @@ def test_train_reads_mirror_images_when_the_features_have_them(tmp_path, tiny_pa
     originals = [k for k in store.keys if not k.endswith("#flip")]
     assert len(store.keys) == 2 * len(originals) and store.mirrored(originals)
     vocab = Vocabulary.from_json(json.loads((tmp_path / "data/vocab.json").read_text()))
-    data = train.load_split(store, "data/captions.h5", "train", vocab)
+    data = caption_set(store, "data/captions.h5", "train", vocab)
     assert (data.mirror_rows == data.image_rows + len(data.features) // 2).all()
     assert data.mirror_words[vocab.index["left"]] == vocab.index["right"]
     assert data.mirror_words[vocab.index["right"]] == vocab.index["left"]
-    assert train.load_split(store, "data/captions.h5", "val").mirror_rows is None
+    assert caption_set(store, "data/captions.h5", "val").mirror_rows is None
     args = "--features data/features.h5 --vocab data/vocab.json --captions data/captions.h5 --model-dir m"
     out = invoke(train, ["--params", str(path), *f"{args} --checkpoint k --live-dir l --no-progress".split()])
     assert "best val_loss" in out

@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import params_section
 
+from captioning.caption_set import CaptionSet
 from captioning.decoders import build_decoder
 from captioning.errors import CaptioningError
-from captioning.train import CaptionSet, FitSettings, _fingerprint, best_epoch_metrics, fit
+from captioning.train import TrainSettings, best_epoch_metrics, fingerprint, fit
 
 
 def toy_sets(seed=0, h5=None):
@@ -72,7 +74,10 @@ def make_model(seed=0, decoder="gru"):
 
 
 # lr_decay < 1: the kill-and-resume test then also checks the rate is restored per epoch.
-SETTINGS = FitSettings(batch_size=8, learning_rate=0.05, lr_decay=0.9, epochs=6, patience=6, seed=3)
+SETTINGS = params_section(
+    TrainSettings, "train", batch_size=8, learning_rate=0.05, lr_decay=0.9, epochs=6, patience=6, attention_reg=0.01
+)
+SEED = 3
 
 
 def test_fit_learns_and_keeps_best_weights(tmp_path):
@@ -84,6 +89,7 @@ def test_fit_learns_and_keeps_best_weights(tmp_path):
         train,
         val,
         SETTINGS,
+        SEED,
         tmp_path / "ckpt",
         on_epoch=lambda e, mt: logged.append(e),
         progress=False,
@@ -103,7 +109,7 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
     val = CaptionSet(
         val.features, np.array([[1, 4, 5 + (t[2] - 4) % 3, 2] for t in val.tokens], "int32"), val.image_rows
     )
-    settings = FitSettings(batch_size=8, learning_rate=0.05, epochs=12, patience=2, seed=3)
+    settings = dataclasses.replace(SETTINGS, lr_decay=1.0, epochs=12, patience=2)
     m = make_model()
     weights_after = {}
     state = fit(
@@ -111,6 +117,7 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
         train,
         val,
         settings,
+        SEED,
         tmp_path / "ckpt",
         progress=False,
         log=lambda s: None,
@@ -130,7 +137,8 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
         at_best,
         train,
         val,
-        FitSettings(**{**settings.__dict__, "epochs": best}),
+        dataclasses.replace(settings, epochs=best),
+        SEED,
         tmp_path / "b",
         progress=False,
         log=lambda s: None,
@@ -146,7 +154,9 @@ def test_early_stopping_restores_the_best_epoch_not_the_last(tmp_path):
 @pytest.mark.parametrize("decoder", ["lstm", "transformer", "updown"])
 def test_every_decoder_trains_through_the_same_loop(tmp_path, decoder):
     train, val = toy_sets()
-    state = fit(make_model(decoder=decoder), train, val, SETTINGS, tmp_path / "c", progress=False, log=lambda s: None)
+    state = fit(
+        make_model(decoder=decoder), train, val, SETTINGS, SEED, tmp_path / "c", progress=False, log=lambda s: None
+    )
     losses = [h["val_loss"] for h in state["history"]]
     assert losses[-1] < losses[0] * 0.7, losses
 
@@ -164,7 +174,7 @@ def test_label_smoothing_trains_and_spreads_the_predictions(tmp_path):
     for eps in (0.0, 0.2):
         m = make_model()
         settings = dataclasses.replace(SETTINGS, label_smoothing=eps)
-        state = fit(m, train, val, settings, tmp_path / str(eps), progress=False, log=lambda s: None)
+        state = fit(m, train, val, settings, SEED, tmp_path / str(eps), progress=False, log=lambda s: None)
         losses = [h["val_loss"] for h in state["history"]]
         assert losses[-1] < losses[0] * 0.8, losses
         logits, _ = m.forward(val.features[val.image_rows[:16]], val.tokens[:16, :-1])
@@ -184,12 +194,12 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, d
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(make_model(decoder=decoder), train, val, settings, tmp_path / "c", on_epoch=interrupt, progress=False)
+        fit(make_model(decoder=decoder), train, val, settings, SEED, tmp_path / "c", on_epoch=interrupt, progress=False)
     messages, resumed = [], make_model(decoder=decoder)
-    fit(resumed, train, val, settings, tmp_path / "c", progress=False, log=messages.append)
+    fit(resumed, train, val, settings, SEED, tmp_path / "c", progress=False, log=messages.append)
     assert messages[0].startswith("resuming from") and "after epoch 2" in messages[0]
     clean = make_model(decoder=decoder)
-    fit(clean, train, val, settings, tmp_path / "clean", progress=False, log=lambda s: None)
+    fit(clean, train, val, settings, SEED, tmp_path / "clean", progress=False, log=lambda s: None)
     for a, b in zip(resumed.weights, clean.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -199,7 +209,7 @@ def test_same_seed_same_weights(tmp_path):
     weights = []
     for name in ("a", "b"):
         m = make_model()
-        fit(m, train, val, SETTINGS, tmp_path / name, progress=False, log=lambda s: None)
+        fit(m, train, val, SETTINGS, SEED, tmp_path / name, progress=False, log=lambda s: None)
         weights.append([w.numpy() for w in m.weights])
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
@@ -216,7 +226,7 @@ def test_xla_step_learns_repeats_itself_and_matches_the_plain_step(tmp_path):
         seed_everything(0)
         m = build_decoder("gru", vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8, dropout=0.0)
         s = dataclasses.replace(SETTINGS, epochs=2, jit=jit)
-        state = fit(m, train, val, s, tmp_path / f"c{i}", progress=False, log=lambda s: None)
+        state = fit(m, train, val, s, SEED, tmp_path / f"c{i}", progress=False, log=lambda s: None)
         curves.append([(h["train_loss"], h["val_loss"]) for h in state["history"]])
     assert curves[0] == curves[1] and curves[0][-1][1] < curves[0][0][1] * 0.8, curves
     np.testing.assert_allclose(curves[0], curves[2], rtol=1e-4)
@@ -230,9 +240,9 @@ def test_mixed_bfloat16_trains_with_float32_weights_and_its_own_fingerprint(tmp_
     m = build_decoder(
         "gru", precision="mixed_bfloat16", vocab_size=8, feature_dim=6, num_locations=4, embed_dim=4, units=8
     )
-    state = fit(m, train, val, dataclasses.replace(SETTINGS, epochs=3), tmp_path / "c", progress=False)
+    state = fit(m, train, val, dataclasses.replace(SETTINGS, epochs=3), SEED, tmp_path / "c", progress=False)
     # a float32 checkpoint of the same settings is another run: never resumed into this one
-    assert _fingerprint(m, SETTINGS, train, val) != _fingerprint(make_model(), SETTINGS, train, val)
+    assert fingerprint(m, train, val, SETTINGS, SEED) != fingerprint(make_model(), train, val, SETTINGS, SEED)
     losses = [h["val_loss"] for h in state["history"]]
     assert m.compute_dtype == "bfloat16" and all(w.dtype == "float32" for w in m.weights)
     assert losses[-1] < losses[0] * 0.8, losses
@@ -248,7 +258,7 @@ sys.path.insert(0, {tests!r})
 from test_train import toy_sets, make_model, settings_for
 from captioning.train import fit
 train, val = toy_sets(h5={h5!r})
-fit(make_model(), train, val, settings_for({h5!r}), {ckpt!r}, on_epoch=lambda e, m: time.sleep(1.0), progress=False)
+fit(make_model(), train, val, settings_for({h5!r}), 3, {ckpt!r}, on_epoch=lambda e, m: time.sleep(1.0), progress=False)
 """
 
 
@@ -284,6 +294,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, streamed):
         train,
         val,
         settings_for(h5),
+        SEED,
         ckpt,
         on_epoch=lambda e, m: logged.append(e),
         progress=False,
@@ -293,7 +304,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, streamed):
     assert logged == [1, 2, 3, 4, 5, 6]  # history replayed, then continued
 
     clean = make_model()
-    clean_state = fit(clean, train, val, settings_for(h5), tmp_path / "clean", progress=False, log=lambda s: None)
+    clean_state = fit(clean, train, val, settings_for(h5), SEED, tmp_path / "clean", progress=False, log=lambda s: None)
     assert state["history"][-1]["val_loss"] == clean_state["history"][-1]["val_loss"]
     for a, b in zip(resumed.weights, clean.weights):  # same path, up to float rounding
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
@@ -301,9 +312,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, streamed):
 
 def test_a_finished_checkpoint_is_not_resumed(tmp_path):
     train, val = toy_sets()
-    fit(make_model(), train, val, SETTINGS, tmp_path / "ckpt", progress=False, log=lambda s: None)
+    fit(make_model(), train, val, SETTINGS, SEED, tmp_path / "ckpt", progress=False, log=lambda s: None)
     messages = []
-    fit(make_model(), train, val, SETTINGS, tmp_path / "ckpt", progress=False, log=messages.append)
+    fit(make_model(), train, val, SETTINGS, SEED, tmp_path / "ckpt", progress=False, log=messages.append)
     assert not any(m.startswith("resuming") for m in messages)
 
 
@@ -311,7 +322,7 @@ def test_empty_val_split_is_a_clear_error(tmp_path):
     train, val = toy_sets()
     empty = CaptionSet(val.features, val.tokens[:0], val.image_rows[:0])
     with pytest.raises(CaptioningError, match="both the train and the val split"):
-        fit(make_model(), train, empty, SETTINGS, tmp_path / "c", progress=False)
+        fit(make_model(), train, empty, SETTINGS, SEED, tmp_path / "c", progress=False)
 
 
 def test_streamed_features_train_exactly_as_in_memory_ones(tmp_path):
@@ -323,7 +334,7 @@ def test_streamed_features_train_exactly_as_in_memory_ones(tmp_path):
     weights = []
     for name, (tr, va) in {"disk": (streamed, val_streamed), "ram": (in_ram, val_ram)}.items():
         m = make_model()
-        fit(m, tr, va, settings, tmp_path / name, progress=False, log=lambda s: None)
+        fit(m, tr, va, settings, SEED, tmp_path / name, progress=False, log=lambda s: None)
         weights.append([w.numpy() for w in m.weights])
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
@@ -332,16 +343,15 @@ def test_streamed_features_train_exactly_as_in_memory_ones(tmp_path):
 def test_resume_fingerprint_uses_the_file_identity_not_its_bytes(tmp_path, monkeypatch):
     """Streamed features are fingerprinted by the stored content hash (no feature is read)."""
     from captioning import feature_store
-    from captioning.train import _fingerprint
 
     train, val = toy_sets(h5=tmp_path / "f.h5")
     reads = []
     real = feature_store.FeatureRows.read_file_rows
     monkeypatch.setattr(feature_store.FeatureRows, "read_file_rows", lambda self, r: reads.append(r) or real(self, r))
-    fp = _fingerprint(make_model(), SETTINGS, train, val)
-    assert reads == [] and fp == _fingerprint(make_model(), SETTINGS, train, val)
+    fp = fingerprint(make_model(), train, val, SETTINGS, SEED)
+    assert reads == [] and fp == fingerprint(make_model(), train, val, SETTINGS, SEED)
     other, _ = toy_sets(seed=1, h5=tmp_path / "g.h5")  # other features: another trajectory
-    assert _fingerprint(make_model(), SETTINGS, other, val) != fp
+    assert fingerprint(make_model(), other, val, SETTINGS, SEED) != fp
 
 
 def test_mirror_images_replace_a_seeded_half_with_their_words_mirrored():
