@@ -1,18 +1,11 @@
-"""CNN encoders (Keras applications without their classifier) and HDF5 feature files.
+"""CNN encoders (Keras applications without their classifier, or any Keras model file) and
+the extraction of every image's features into the features file (its layout:
+:mod:`captioning.feature_store`).
 
-The features file holds, for every image (row ``i`` belongs to ``images[i]``):
-
-- ``spatial``: ``(N, H*W, C)`` the chosen layer's feature map, flattened for attention;
-- ``pooled``:  ``(N, C)`` its spatial mean;
-- ``images``:  ``(N,)`` the image keys (paths relative to the image folder);
-
-with the encoder's settings as file attributes, so the captioning command can rebuild the
-very same encoder, and ``content_hash`` (blake2b of the feature bytes), which identifies the
-features without reading them. Rows are written in place into ``<out>.partial.h5`` as they
-are computed (memory holds one chunk), a rerun resumes after the last finished chunk, and
-the file appears at ``out`` only when complete. ``--shard I/N`` files hold a contiguous slice
-of the keys and :func:`merge_shards` joins them into the same bytes. Reading it back is
-:mod:`captioning.feature_store`'s job.
+Rows are written in place into ``<out>.partial.h5`` as they are computed (memory holds one
+chunk), a rerun resumes after the last finished chunk, and the file appears at ``out`` only
+when complete. ``--shard I/N`` files hold a contiguous slice of the keys, and
+:func:`captioning.feature_store.merge_shards` joins them into the same bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -32,9 +26,10 @@ from .feature_store import (
     FLIP_SUFFIX,
     MODEL_FILE_SUFFIX,
     EncoderSpec,
-    hash_features,
+    copy_rows,
+    create_layout,
     is_model_file,
-    square_grid,
+    seal,
 )
 from .files import atomic_path, write_json
 from .images import ImageError, load_image
@@ -240,17 +235,12 @@ def extract_features(
     would. The file is renamed to ``out`` only when complete. Unreadable images are skipped
     and listed in the report (their rows are dropped on completion); more than
     ``max_bad_fraction`` of them is an error. ``shard=(i, n)`` encodes only shard i of n
-    (:func:`shard_range`); :func:`merge_shards` joins the shard files. Returns the report dict.
+    (:func:`shard_range`); :func:`captioning.feature_store.merge_shards` joins the shard files. Returns the report dict.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     keys = list(keys)
     if not keys:
         raise CaptioningError("no images to encode")
-    # Decoding shares the cores with the CNN: one thread per two cores kept it fed best here
-    # (2 cores: 1 thread 92 img/s, 2 threads 89 img/s on 500x375 JPEGs).
-    decode_threads = decode_threads or max(1, (os.cpu_count() or 2) // 2)
     total = len(keys)
     if shard is not None:
         lo, hi = shard_range(total, shard)
@@ -260,69 +250,13 @@ def extract_features(
     out.parent.mkdir(parents=True, exist_ok=True)
     partial, ledger = out.with_name(out.name + ".partial.h5"), out.with_name(out.name + ".partial.json")
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # older versions' chunk folder
-    fp = _fingerprint(spec, keys, batch_size, dtype)
-    chunk = batch_size * chunk_batches
-    n_chunks = (len(keys) + chunk - 1) // chunk
-
-    state = _resume_state(partial, ledger, fp)
-    todo = [c for c in range(n_chunks) if c not in state["done"]]
-    n_new, elapsed = 0, 0.0
-    if todo:
-        model, preprocess = build_encoder(spec)
-        forward = make_forward(model, preprocess)
-        s, _ = forward(np.zeros((batch_size, spec.image_size, spec.image_size, 3), np.uint8))  # trace once
-        if not state["done"]:
-            # One shard is the whole file: no shard attributes, so its bytes are the merged file's
-            # (DVC then stores one copy of the two).
-            multi = shard is not None and shard[1] > 1
-            shard_attrs = {"shard_index": shard[0], "shard_count": shard[1]} if multi else {}
-            create_layout(partial, keys, s.shape[1:], dtype, {**spec.attrs(), **shard_attrs})
-        t0 = time.perf_counter()  # the rate below is the steady state: model building excluded
-        # One pipeline over the remaining chunks (they start on batch boundaries, so the
-        # batches are the same as in an uninterrupted run).
-        todo_keys = [k for c in todo for k in keys[c * chunk : (c + 1) * chunk]]
-        batches = _image_batches([Path(image_dir) / k for k in todo_keys], spec.image_size, batch_size, decode_threads)
-        bar = tqdm(
-            total=len(keys), initial=len(keys) - len(todo_keys), unit="img", desc="features", disable=not progress
-        )
-        with h5py.File(partial, "r+") as f:
-            for c in todo:
-                row = c * chunk
-                for _ in range((min(chunk, len(keys) - row) + batch_size - 1) // batch_size):
-                    images, errs = next(batches)
-                    s, p = forward(images)
-                    n = len(images)
-                    f["spatial"][row : row + n] = s.numpy().astype(dtype)
-                    f["pooled"][row : row + n] = p.numpy().astype(dtype)
-                    state["errors"].update({str(row + i): e for i, e in enumerate(errs) if e})
-                    row += n
-                    bar.update(n)
-                f.flush()  # the chunk's rows are on disk before the ledger says so
-                state["done"].append(c)
-                write_json(ledger, state, indent=None)
-                n_new += row - c * chunk
-                if on_chunk:
-                    on_chunk(c)
-        bar.close()
-        elapsed = time.perf_counter() - t0
-    bad = {int(i): e for i, e in state["errors"].items()}
-    skipped = [{"image": keys[i], "error": bad[i]} for i in sorted(bad)]
-    if len(skipped) > max_bad_fraction * len(keys):
-        first = skipped[0]
-        raise CaptioningError(
-            f"{len(skipped)} of {len(keys)} images could not be read (first: {first['image']}: {first['error']});"
-            f" more than max_bad_fraction={max_bad_fraction}"
-        )
-    if bad:  # rare: copy the good rows into a fresh file of the same layout
-        with atomic_path(out) as tmp:
-            _copy_rows(tmp, [(partial, np.array([i for i in range(len(keys)) if i not in bad], dtype=np.int64))])
-        partial.unlink()
-    else:
-        with h5py.File(partial, "r+") as f:
-            _seal(f)
-        with atomic_path(out) as tmp:
-            os.replace(partial, tmp)
-    ledger.unlink()
+    job = _Job(spec, Path(image_dir), keys, batch_size, dtype, batch_size * chunk_batches, shard)
+    state = _resume_state(partial, ledger, _fingerprint(spec, keys, batch_size, dtype))
+    # Decoding shares the cores with the CNN: one thread per two cores kept it fed best here
+    # (2 cores: 1 thread 92 img/s, 2 threads 89 img/s on 500x375 JPEGs).
+    threads = decode_threads or max(1, (os.cpu_count() or 2) // 2)
+    n_new, elapsed = _encode(job, partial, ledger, state, threads, progress, on_chunk)
+    skipped = _complete(job, partial, ledger, state, out, max_bad_fraction)
     with h5py.File(out, "r") as f:
         shape = f["spatial"].shape
     return {
@@ -338,6 +272,89 @@ def extract_features(
     }
 
 
+class _Job(NamedTuple):
+    spec: EncoderSpec
+    image_dir: Path
+    keys: list
+    batch_size: int
+    dtype: str
+    chunk: int  # images per chunk (the unit of resuming)
+    shard: tuple | None
+
+    @property
+    def n_chunks(self):
+        return (len(self.keys) + self.chunk - 1) // self.chunk
+
+
+def _encode(job: _Job, partial, ledger, state, threads, progress, on_chunk):
+    """Encode the chunks ``state`` has not done into ``partial``, recording each in ``ledger``
+    once its rows are on disk. Returns ``(images encoded, seconds)`` (model building excluded)."""
+    from tqdm import tqdm
+
+    todo = [c for c in range(job.n_chunks) if c not in state["done"]]
+    if not todo:
+        return 0, 0.0
+    spec, keys, size = job.spec, job.keys, job.batch_size
+    forward = make_forward(*build_encoder(spec))
+    s, _ = forward(np.zeros((size, spec.image_size, spec.image_size, 3), np.uint8))  # trace once
+    if not state["done"]:
+        # One shard is the whole file: no shard attributes, so its bytes are the merged file's
+        # (DVC then stores one copy of the two).
+        multi = job.shard is not None and job.shard[1] > 1
+        shard_attrs = {"shard_index": job.shard[0], "shard_count": job.shard[1]} if multi else {}
+        create_layout(partial, keys, s.shape[1:], job.dtype, {**spec.attrs(), **shard_attrs})
+    t0, n_new = time.perf_counter(), 0
+    # One pipeline over the remaining chunks (they start on batch boundaries, so the batches are
+    # the same as in an uninterrupted run).
+    todo_keys = [k for c in todo for k in keys[c * job.chunk : (c + 1) * job.chunk]]
+    batches = _image_batches([job.image_dir / k for k in todo_keys], spec.image_size, size, threads)
+    bar = tqdm(total=len(keys), initial=len(keys) - len(todo_keys), unit="img", desc="features", disable=not progress)
+    with h5py.File(partial, "r+") as f:
+        for c in todo:
+            row = c * job.chunk
+            for _ in range((min(job.chunk, len(keys) - row) + size - 1) // size):
+                images, errs = next(batches)
+                s, p = forward(images)
+                f["spatial"][row : row + len(images)] = s.numpy().astype(job.dtype)
+                f["pooled"][row : row + len(images)] = p.numpy().astype(job.dtype)
+                state["errors"].update({str(row + i): e for i, e in enumerate(errs) if e})
+                row += len(images)
+                bar.update(len(images))
+            f.flush()  # the chunk's rows are on disk before the ledger says so
+            state["done"].append(c)
+            write_json(ledger, state, indent=None)
+            n_new += row - c * job.chunk
+            if on_chunk:
+                on_chunk(c)
+    bar.close()
+    return n_new, time.perf_counter() - t0
+
+
+def _complete(job: _Job, partial, ledger, state, out, max_bad_fraction):
+    """Seal the finished ``partial`` file and move it to ``out`` (the unreadable images' rows
+    dropped); the skipped images, or an error when there are too many."""
+    keys = job.keys
+    bad = {int(i): e for i, e in state["errors"].items()}
+    skipped = [{"image": keys[i], "error": bad[i]} for i in sorted(bad)]
+    if len(skipped) > max_bad_fraction * len(keys):
+        first = skipped[0]
+        raise CaptioningError(
+            f"{len(skipped)} of {len(keys)} images could not be read (first: {first['image']}: {first['error']});"
+            f" more than max_bad_fraction={max_bad_fraction}"
+        )
+    if bad:  # rare: copy the good rows into a fresh file of the same layout
+        with atomic_path(out) as tmp:
+            copy_rows(tmp, [(partial, np.array([i for i in range(len(keys)) if i not in bad], dtype=np.int64))])
+        partial.unlink()
+    else:
+        with h5py.File(partial, "r+") as f:
+            seal(f)
+        with atomic_path(out) as tmp:
+            os.replace(partial, tmp)
+    ledger.unlink()
+    return skipped
+
+
 def _resume_state(partial, ledger, fingerprint):
     """The ledger of finished chunks when it and the partial file belong to this run; else a fresh one."""
     try:
@@ -350,92 +367,3 @@ def _resume_state(partial, ledger, fingerprint):
     for p in (partial, ledger):  # another run's work, or none
         p.unlink(missing_ok=True)
     return {"fingerprint": fingerprint, "done": [], "errors": {}}
-
-
-def create_layout(path, keys, item_shape, dtype, attrs):
-    """A features file with every dataset sized and allocated up front: ``images``, then
-    ``spatial`` (N, L, C) and ``pooled`` (N, C), contiguous (a row is one seek), and the
-    encoder's attributes.
-
-    Writing rows later changes no HDF5 metadata, so a run killed mid-write leaves a file that
-    still opens; no timestamps are stored, so the same rows give the same bytes, whichever
-    way they were written (one run, a resumed run, or shards merged).
-    """
-    L, C = item_shape
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=np.array(keys, dtype=object), dtype=h5py.string_dtype(), track_times=False)
-        f.create_dataset("spatial", shape=(len(keys), L, C), dtype=dtype, dcpl=dcpl, track_times=False)
-        f.create_dataset("pooled", shape=(len(keys), C), dtype=dtype, dcpl=dcpl, track_times=False)
-        for k, v in sorted({**attrs, "grid": square_grid(L), "feature_dim": C, "dtype": str(np.dtype(dtype))}.items()):
-            f.attrs[k] = v
-
-
-def _seal(f):
-    """The last write: ``content_hash``, which names the features without reading them."""
-    f.attrs["content_hash"] = hash_features(f["spatial"], f["pooled"])
-
-
-def _copy_rows(path, sources, merge=False, block=1024):
-    """Write ``path`` from ``[(file, rows)]``: those rows of each file, in order, ``block`` at a time.
-
-    ``merge``: the sources are shards and ``path`` is the whole file (no shard attributes)."""
-    keys, first = [], None
-    for src, rows in sources:
-        with h5py.File(src, "r") as f:
-            keys += f["images"].asstr()[:][rows].tolist()
-            first = first or (f["spatial"].shape[1:], f["spatial"].dtype, dict(f.attrs))
-    item, dtype, attrs = first
-    derived = ("content_hash", "grid", "feature_dim", "dtype")  # create_layout and _seal set these
-    attrs = {k: v for k, v in attrs.items() if k not in derived + (SHARD_ATTRS if merge else ())}
-    create_layout(path, keys, item, dtype, attrs)
-    with h5py.File(path, "r+") as dst:
-        at = 0
-        for src, rows in sources:
-            with h5py.File(src, "r") as f:
-                for i in range(0, len(rows), block):
-                    r = rows[i : i + block]
-                    lo, hi = int(r[0]), int(r[-1]) + 1  # one read of the span, then the wanted rows
-                    dst["spatial"][at : at + len(r)] = f["spatial"][lo:hi][r - lo]
-                    dst["pooled"][at : at + len(r)] = f["pooled"][lo:hi][r - lo]
-                    at += len(r)
-        _seal(dst)
-
-
-def merge_shards(shards, out):
-    """Join shard files (``features --shard I/N``, given in order 0..N-1) into the one features
-    file ``out``: the same bytes as an unsharded run over the same keys. Checks that every
-    shard is there once and that all come from the same encoder settings."""
-    metas = []
-    for path in shards:
-        try:
-            with h5py.File(path, "r") as f:
-                metas.append((path, dict(f.attrs), len(f["images"])))
-        except (OSError, KeyError) as e:
-            raise CaptioningError(f"{path}: not a features shard ({e})") from None
-    if not metas:
-        raise CaptioningError("no shards to merge")
-    counts = {int(m[1].get("shard_count", 1)) for m in metas}  # no attributes: a whole file, shard 0/1
-    n = counts.pop() if len(counts) == 1 else -1
-    indices = [int(m[1].get("shard_index", 0)) for m in metas]
-    if n < 1 or indices != list(range(n)):
-        have = ", ".join(f"{m[0]} = {m[1].get('shard_index', '?')}/{m[1].get('shard_count', '?')}" for m in metas)
-        missing = sorted(set(range(max(n, 1))) - set(indices))
-        raise CaptioningError(
-            f"shards must be 0..N-1 of one N, in order; got {have}" + (f" (missing: {missing})" if missing else "")
-        )
-    spec = {k: v for k, v in metas[0][1].items() if k not in SHARD_ATTRS}
-    for path, attrs, _ in metas[1:]:
-        other = {k: v for k, v in attrs.items() if k not in SHARD_ATTRS}
-        if json.dumps(other, sort_keys=True, default=str) != json.dumps(spec, sort_keys=True, default=str):
-            raise CaptioningError(f"{path}: made with other encoder settings than {metas[0][0]}")
-    with atomic_path(out) as tmp:
-        if n == 1:  # already the merged file, byte for byte
-            shutil.copyfile(metas[0][0], tmp)
-        else:
-            _copy_rows(tmp, [(path, np.arange(rows, dtype=np.int64)) for path, _, rows in metas], merge=True)
-    return sum(m[2] for m in metas)
-
-
-SHARD_ATTRS = ("shard_index", "shard_count", "content_hash")

@@ -1,20 +1,33 @@
-"""The features file: what it holds, which encoder made it (``EncoderSpec``), and reading it back.
+"""The features file: what it holds, which encoder made it (``EncoderSpec``), its layout
+(created, sealed, rows copied, shards merged) and reading it back.
 
-:func:`captioning.encoder.extract_features` writes it. Kept apart from the CNN code: training,
-evaluation and captioning read features without touching Keras applications, so an edit to
-the encoder code reruns only the stages it can change.
+The file holds, for every image (row ``i`` belongs to ``images[i]``):
+
+- ``spatial``: ``(N, H*W, C)`` the chosen layer's feature map, flattened for attention;
+- ``pooled``:  ``(N, C)`` its spatial mean;
+- ``images``:  ``(N,)`` the image keys (paths relative to the image folder; ``KEY#flip`` the
+  mirror image of ``KEY``, with ``features.flip``);
+
+with the encoder's settings as file attributes, so the captioning command can rebuild the very
+same encoder, and ``content_hash`` (blake2b of the feature bytes), which identifies the features
+without reading them. :func:`captioning.encoder.extract_features` fills it with a CNN. Kept apart
+from the CNN code: training, evaluation and captioning read features without touching Keras
+applications, so an edit to the encoder code reruns only the stages it can change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .errors import CaptioningError
+from .files import atomic_path
 
 # backbone -> (keras.applications constructor, preprocess module, default feature layer; "" = the output)
 BACKBONES = {
@@ -200,3 +213,92 @@ def feature_identity(features) -> str:
         return features.identity()
     arr = np.ascontiguousarray(features)
     return hashlib.blake2b(f"{arr.shape}{arr.dtype}".encode() + arr.tobytes(), digest_size=16).hexdigest()
+
+
+def create_layout(path, keys, item_shape, dtype, attrs):
+    """A features file with every dataset sized and allocated up front: ``images``, then
+    ``spatial`` (N, L, C) and ``pooled`` (N, C), contiguous (a row is one seek), and the
+    encoder's attributes.
+
+    Writing rows later changes no HDF5 metadata, so a run killed mid-write leaves a file that
+    still opens; no timestamps are stored, so the same rows give the same bytes, whichever
+    way they were written (one run, a resumed run, or shards merged).
+    """
+    L, C = item_shape
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=np.array(keys, dtype=object), dtype=h5py.string_dtype(), track_times=False)
+        f.create_dataset("spatial", shape=(len(keys), L, C), dtype=dtype, dcpl=dcpl, track_times=False)
+        f.create_dataset("pooled", shape=(len(keys), C), dtype=dtype, dcpl=dcpl, track_times=False)
+        for k, v in sorted({**attrs, "grid": square_grid(L), "feature_dim": C, "dtype": str(np.dtype(dtype))}.items()):
+            f.attrs[k] = v
+
+
+def seal(f):
+    """The last write: ``content_hash``, which names the features without reading them."""
+    f.attrs["content_hash"] = hash_features(f["spatial"], f["pooled"])
+
+
+def copy_rows(path, sources, merge=False, block=1024):
+    """Write ``path`` from ``[(file, rows)]``: those rows of each file, in order, ``block`` at a time.
+
+    ``merge``: the sources are shards and ``path`` is the whole file (no shard attributes)."""
+    keys, first = [], None
+    for src, rows in sources:
+        with h5py.File(src, "r") as f:
+            keys += f["images"].asstr()[:][rows].tolist()
+            first = first or (f["spatial"].shape[1:], f["spatial"].dtype, dict(f.attrs))
+    item, dtype, attrs = first
+    derived = ("content_hash", "grid", "feature_dim", "dtype")  # create_layout and _seal set these
+    attrs = {k: v for k, v in attrs.items() if k not in derived + (SHARD_ATTRS if merge else ())}
+    create_layout(path, keys, item, dtype, attrs)
+    with h5py.File(path, "r+") as dst:
+        at = 0
+        for src, rows in sources:
+            with h5py.File(src, "r") as f:
+                for i in range(0, len(rows), block):
+                    r = rows[i : i + block]
+                    lo, hi = int(r[0]), int(r[-1]) + 1  # one read of the span, then the wanted rows
+                    dst["spatial"][at : at + len(r)] = f["spatial"][lo:hi][r - lo]
+                    dst["pooled"][at : at + len(r)] = f["pooled"][lo:hi][r - lo]
+                    at += len(r)
+        seal(dst)
+
+
+def merge_shards(shards, out):
+    """Join shard files (``features --shard I/N``, given in order 0..N-1) into the one features
+    file ``out``: the same bytes as an unsharded run over the same keys. Checks that every
+    shard is there once and that all come from the same encoder settings."""
+    metas = []
+    for path in shards:
+        try:
+            with h5py.File(path, "r") as f:
+                metas.append((path, dict(f.attrs), len(f["images"])))
+        except (OSError, KeyError) as e:
+            raise CaptioningError(f"{path}: not a features shard ({e})") from None
+    if not metas:
+        raise CaptioningError("no shards to merge")
+    counts = {int(m[1].get("shard_count", 1)) for m in metas}  # no attributes: a whole file, shard 0/1
+    n = counts.pop() if len(counts) == 1 else -1
+    indices = [int(m[1].get("shard_index", 0)) for m in metas]
+    if n < 1 or indices != list(range(n)):
+        have = ", ".join(f"{m[0]} = {m[1].get('shard_index', '?')}/{m[1].get('shard_count', '?')}" for m in metas)
+        missing = sorted(set(range(max(n, 1))) - set(indices))
+        raise CaptioningError(
+            f"shards must be 0..N-1 of one N, in order; got {have}" + (f" (missing: {missing})" if missing else "")
+        )
+    spec = {k: v for k, v in metas[0][1].items() if k not in SHARD_ATTRS}
+    for path, attrs, _ in metas[1:]:
+        other = {k: v for k, v in attrs.items() if k not in SHARD_ATTRS}
+        if json.dumps(other, sort_keys=True, default=str) != json.dumps(spec, sort_keys=True, default=str):
+            raise CaptioningError(f"{path}: made with other encoder settings than {metas[0][0]}")
+    with atomic_path(out) as tmp:
+        if n == 1:  # already the merged file, byte for byte
+            shutil.copyfile(metas[0][0], tmp)
+        else:
+            copy_rows(tmp, [(path, np.arange(rows, dtype=np.int64)) for path, _, rows in metas], merge=True)
+    return sum(m[2] for m in metas)
+
+
+SHARD_ATTRS = ("shard_index", "shard_count", "content_hash")

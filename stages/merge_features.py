@@ -33,7 +33,7 @@ def main(params_file, shard_dir, report_dir, out, report):
     spatial, pooled, encoder attributes, content hash). A missing shard, or shards made with
     other settings, is an error naming the file. REPORT sums the shards' reports.
     """
-    from captioning.encoder import merge_shards
+    from captioning.feature_store import merge_shards
 
     n = len(config.load_params(params_file, {SECTION: Params}, partial=(SECTION,))[SECTION].shards)
     shards = [Path(shard_dir) / f"shard-{i}.h5" for i in range(n)]

@@ -182,7 +182,8 @@ def test_stale_or_broken_partial_work_is_discarded(tmp_path, shapes_dir):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_shards_merged_are_the_bytes_of_one_run(tmp_path, shapes_dir, n):
-    from captioning.encoder import merge_shards, shard_range
+    from captioning.encoder import shard_range
+    from captioning.feature_store import merge_shards
 
     images = shapes_dir / "images"
     (images / "zz_broken.jpg").write_bytes(b"not a jpeg")  # a skip inside the last shard
@@ -197,15 +198,15 @@ def test_shards_merged_are_the_bytes_of_one_run(tmp_path, shapes_dir, n):
     assert [s["image"] for r in reps for s in r["skipped"]] == ["zz_broken.jpg"]
     assert merge_shards(shards, tmp_path / "merged.h5") == 24
     assert (tmp_path / "merged.h5").read_bytes() == (tmp_path / "whole.h5").read_bytes()
-    if n > 1:  # the copy through _copy_rows gives the same bytes as a single shard's file
-        from captioning.encoder import _copy_rows
+    if n > 1:  # the copy through copy_rows gives the same bytes as a single shard's file
+        from captioning.feature_store import copy_rows
 
-        _copy_rows(tmp_path / "copied.h5", [(tmp_path / "whole.h5", np.arange(24))])
+        copy_rows(tmp_path / "copied.h5", [(tmp_path / "whole.h5", np.arange(24))])
         assert (tmp_path / "copied.h5").read_bytes() == (tmp_path / "whole.h5").read_bytes()
 
 
 def test_merge_refuses_missing_reordered_or_foreign_shards(tmp_path, shapes_dir):
-    from captioning.encoder import merge_shards
+    from captioning.feature_store import merge_shards
 
     images, keys = shapes_dir / "images", keys_of(shapes_dir)
     kw = dict(batch_size=4, progress=False)
