@@ -22,19 +22,18 @@ from PIL import Image  # noqa: E402
 
 from stages import features, prepare  # noqa: E402
 
-PARAMS = {
+DEFAULTS = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+PARAMS = {  # params.yaml's defaults, with a tiny random CNN and a tolerant share of bad images
     "seed": 1,
-    "prepare": {"split_ratios": [0.5, 0.25, 0.25], "max_bad_fraction": 0.2},
+    "prepare": {**DEFAULTS["prepare"], "split_ratios": [0.5, 0.25, 0.25], "max_bad_fraction": 0.2},
     "features": {
+        **DEFAULTS["features"],
         "backbone": "vgg16",
         "weights": "none",
         "layer": "block1_pool",
         "image_size": 32,
-        "alpha": 1.0,
         "batch_size": 4,
-        "dtype": "float16",
         "max_bad_fraction": 0.2,
-        "shards": [0],
     },
 }
 

@@ -3,7 +3,7 @@
 # Needs ../shared/data/flickr8k (Images/, captions.txt, Flickr_8k.{train,dev}Images.txt) and
 # ../shared/weights/ (mobilenet_7_5_224_tf_no_top.h5, efficientnet_lite0_224.keras). Usage:
 #   bash benchmarks/flickr8k.sh [VARIANT] [ENCODER] [-S key=value ...]   (ENCODER: mobilenet | lite0)
-# Runs as DVC experiments, so the default
+# Runs as DVC experiments (named flickr8k-VARIANT-ENCODER, or $EXP_NAME), so the default
 # workspace results stay as they are; `dvc exp show` compares them afterwards. Every variant
 # shares the features (DVC's run cache restores them) and the training budget (5 epochs,
 # early stopping with patience 2, Adam 1e-3, batch 128).
@@ -39,7 +39,7 @@ case "$variant" in
   scst) extra=(-S finetune.enabled=true) ;;
   *) echo "unknown variant $variant (attention | noatt | blind | lstm | lstm-noatt | updown | transformer | scst)" >&2; exit 2 ;;
 esac
-dvc exp run -n "flickr8k-$variant-$encoder" \
+dvc exp run -n "${EXP_NAME:-flickr8k-$variant-$encoder}" \
   -S dataset.captions=../shared/data/flickr8k/captions.txt \
   -S dataset.images=../shared/data/flickr8k/Images \
   -S dataset.splits=../shared/data/flickr8k \

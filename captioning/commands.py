@@ -113,7 +113,7 @@ def caption(images, model_dir, as_json, attention_dir, html_out, **decoding):
 
 def write_attention(captioner, paths, captions, attention_dir, html_out):
     """Per-word heat maps into ATTENTION_DIR and/or a page at HTML_OUT (its PNGs in HTML_OUT_files/)."""
-    from . import gallery
+    from . import gallery, heatmaps
     from .feature_store import square_grid
     from .files import atomic_path
 
@@ -122,7 +122,7 @@ def write_attention(captioner, paths, captions, attention_dir, html_out):
     if attention_dir:
         Path(attention_dir).mkdir(parents=True, exist_ok=True)
         for path, stem, cap in zip(paths, stems, captions):
-            gallery.panel_images(path, cap.words, cap.attention, grid, Path(attention_dir), stem)
+            heatmaps.panel_images(path, cap.words, cap.attention, grid, Path(attention_dir), stem)
     if html_out:
         html_out = Path(html_out)
         files = html_out.with_name(html_out.stem + "_files")
@@ -130,7 +130,7 @@ def write_attention(captioner, paths, captions, attention_dir, html_out):
             tmp.mkdir()
             panels = []
             for path, stem, cap in zip(paths, stems, captions):
-                png, word_pngs = gallery.panel_images(path, cap.words, cap.attention, grid, tmp, stem)
+                png, word_pngs = heatmaps.panel_images(path, cap.words, cap.attention, grid, tmp, stem)
                 panels.append(
                     {
                         "image": str(path),

@@ -279,6 +279,23 @@ def load_splits(source, captions):
     )
 
 
+def _captions_by_image(rows, captions, report) -> dict:
+    """``{image: [its distinct captions]}`` of the parsed ``rows``, whitespace normalised; empty
+    captions (named by file and line) and duplicates are counted in ``report``."""
+    by_image: dict[str, list[str]] = {}
+    for image, caption, line in rows:
+        caption = " ".join(caption.split())
+        if not caption:
+            report["empty_captions"].append(f"{captions}:{line}" if line else f"{captions}: {image}")
+            continue
+        caps = by_image.setdefault(image, [])
+        if caption in caps:
+            report["duplicate_captions"] += 1
+            continue
+        caps.append(caption)
+    return by_image
+
+
 def load_dataset(
     captions, images, fmt="auto", splits=None, split_ratios=(0.8, 0.1, 0.1), seed=0, max_bad_fraction=0.01
 ):
@@ -313,18 +330,7 @@ def load_dataset(
         "images_without_captions": [],
         "split_source": split_source,
     }
-    by_image: dict[str, list[str]] = {}
-    for image, caption, line in rows:
-        caption = " ".join(caption.split())
-        if not caption:
-            report["empty_captions"].append(f"{captions}:{line}" if line else f"{captions}: {image}")
-            continue
-        caps = by_image.setdefault(image, [])
-        if caption in caps:
-            report["duplicate_captions"] += 1
-            continue
-        caps.append(caption)
-
+    by_image = _captions_by_image(rows, captions, report)
     if splits is None:
         splits = seeded_split(by_image, split_ratios, seed)
 

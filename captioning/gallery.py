@@ -1,10 +1,5 @@
-"""See what the model sees: captions beside their images, and where the decoder looked per word.
-
-Maths (numpy): :func:`upsample` spreads a (L,) attention vector over the image, each grid cell
-covering its own block of pixels (nearest, so one location lights exactly its cell);
-:func:`overlay` blends it onto the photo (the maps come from
-:func:`captioning.inference.word_attention`). :func:`attention_on_objects` measures, on the
-generated data, how much of that attention lands inside the box of the object being named.
+"""The gallery page: captions beside their images, where the decoder looked per word (heat maps
+from :mod:`captioning.heatmaps`), the summary metrics and the training curves.
 
 The page (:func:`write_gallery`) is one self-contained folder: index.html, PNGs beside it,
 curves as inline SVG. No script, font or stylesheet comes from the network.
@@ -17,103 +12,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-HEAT = np.array([255, 40, 0], dtype=np.float32)  # the colour attention is painted in
-
-
-def upsample(alpha, grid, size):
-    """``alpha`` (h*w,) over a ``grid`` (h, w) -> (H, W) map for an image of ``size`` (W, H)."""
-    h, w = grid
-    width, height = size
-    cells = np.asarray(alpha, dtype=np.float32).reshape(h, w)
-    rows = np.arange(height) * h // height  # the grid row each pixel row falls in
-    cols = np.arange(width) * w // width
-    return cells[rows][:, cols]
-
-
-def overlay(image, heat, strength=0.75):
-    """Blend ``heat`` (H, W), scaled to its maximum, onto ``image`` (H, W, 3) uint8 -> uint8.
-
-    The photo is dimmed where the decoder did not look, so the looked-at part stands out.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    top = float(heat.max())
-    a = (heat / top if top > 0 else heat)[:, :, None] * strength
-    dim = img * 0.45
-    return np.clip(dim * (1 - a) + (img * 0.6 + HEAT * 0.4) * a, 0, 255).astype(np.uint8)
-
-
-def _cells_in_box(box, grid):
-    """Boolean (h*w,) mask of the grid cells whose centre lies inside ``box`` (x0, y0, x1, y1 as fractions)."""
-    h, w = grid
-    ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
-    x0, y0, x1, y1 = box
-    return ((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)).reshape(-1)
-
-
-def attention_on_objects(words_alphas, truths, grid, object_re):
-    """Share of attention inside the named object's box while its words are generated.
-
-    ``words_alphas``: from :func:`word_attention`; ``truths``: each image's scene (objects in
-    reading order, boxes); ``object_re``: matches an object phrase. The k-th phrase a caption
-    names is matched to the k-th object of the scene when the caption names the right objects
-    in order; other captions are left out. Returns ``(mean share, uniform share, words)``: the
-    uniform share is what attention spread evenly over the grid would put in the same boxes.
-    """
-    got, uniform, n = 0.0, 0.0, 0
-    for (words, alphas), truth in zip(words_alphas, truths):
-        text = " ".join(words)
-        found = list(object_re.finditer(text))
-        named = [m.groups() for m in found]
-        if named != [(o["size"], o["colour"], o["shape"]) for o in truth["objects"]]:
-            continue
-        starts = np.cumsum([0] + [len(w) + 1 for w in words])  # character offset of each word
-        for m, obj in zip(found, truth["objects"]):
-            cells = _cells_in_box(obj["box"], grid)
-            for t in np.flatnonzero((starts[:-1] >= m.start()) & (starts[:-1] < m.end())):
-                got += float(alphas[t][cells].sum())
-                uniform += float(cells.mean())
-                n += 1
-    return (got / n if n else None), (uniform / n if n else None), n
-
-
-# ---- the page ------------------------------------------------------------------------------
-
-
-def _thumb(path, size):
-    with Image.open(path) as im:
-        return im.convert("RGB").resize(size, Image.BILINEAR)
-
-
-def panel_images(image_path, words, alphas, grid, out_dir, stem, size=(224, 224)):
-    """Write the photo and one heat map per word as PNGs in ``out_dir``; return their names."""
-    photo = _thumb(image_path, size)
-    photo.save(out_dir / f"{stem}.png")
-    names = []
-    arr = np.asarray(photo)
-    for t, (word, alpha) in enumerate(zip(words, alphas)):
-        name = f"{stem}_{t:02d}.png"
-        Image.fromarray(overlay(arr, upsample(alpha, grid, size))).resize((112, 112), Image.BILINEAR).save(
-            out_dir / name
-        )
-        names.append((word, name))
-    return f"{stem}.png", names
-
-
-def strip(image_path, words, alphas, grid, path, size=(160, 160)):
-    """One PNG: the photo then a heat map per word, each word written under its map (DVC plots)."""
-    from PIL import ImageDraw
-
-    photo = _thumb(image_path, size)
-    tiles = [photo] + [Image.fromarray(overlay(np.asarray(photo), upsample(a, grid, size))) for a in alphas]
-    canvas = Image.new("RGB", (size[0] * len(tiles), size[1] + 18), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, tile in enumerate(tiles):
-        canvas.paste(tile, (i * size[0], 0))
-        if i:
-            draw.text((i * size[0] + 4, size[1] + 3), words[i - 1], fill="black")
-    canvas.save(path)
+from . import heatmaps
+from .files import atomic_path
 
 
 def curves_svg(curves: dict) -> str:
@@ -213,3 +114,62 @@ def pick(predictions, per_group, seed):
 def safe_stem(key: str) -> str:
     """A file-name-safe stem for an image key (which may hold folders)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(key).with_suffix("")))
+
+
+SUMMARY_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "object_accuracy", "layout_accuracy")
+
+
+def attention_summary(model, store, predictions, records, object_re, chunk=256) -> tuple:
+    """``(summary, maps)``: whether the decoder attends and, on data with scene ground truth, the
+    share of attention inside the named object's box; ``maps(entries)`` gives the per-word maps
+    of predictions (:func:`captioning.decode.word_attention`, ``chunk`` images in memory at a time)."""
+    from .decode import word_attention
+
+    attends = model.decoder.settings().get("attention", True)  # the transformer always attends
+    grid = tuple(int(g) for g in store.attrs["grid"])
+
+    def maps(entries):
+        out = []
+        for i in range(0, len(entries), chunk):
+            part = entries[i : i + chunk]
+            feats = store.load([e["image"] for e in part])
+            out += word_attention(model.decoder, model.vocab, feats, [e["caption"] for e in part])
+        return out
+
+    summary = {"attention": bool(attends)}
+    truths = [records[e["image"]].get("truth") for e in predictions]
+    if attends and all(truths):  # the generated data: where is each named object?
+        share, uniform, n = heatmaps.attention_on_objects(maps(predictions), truths, grid, object_re)
+        summary["object_words"] = n  # 0 when no caption names its objects right: nothing to measure
+        if n:
+            summary.update(attention_in_object=round(share, 4), uniform_in_object=round(uniform, 4))
+    return summary, maps
+
+
+def write_gallery(out, plots_dir, groups, maps, grid, images, metrics, curves, summary, plots):
+    """Write the gallery folder ``out`` (index.html and its PNGs) and ``plots`` attention strips of
+    the random sample into ``plots_dir``, both atomically. ``groups``: :func:`pick`'s; ``maps``:
+    each shown image's (words, alphas); ``summary``: :func:`attention_summary`'s."""
+    attends = summary["attention"]
+    shown = {e["image"]: e for group in groups.values() for e in group}
+    with atomic_path(out) as tmp, atomic_path(plots_dir) as tmp_plots:
+        tmp.mkdir()
+        tmp_plots.mkdir()
+        panels = {}
+        for key, entry in shown.items():
+            words, alphas = maps[key]
+            png, word_pngs = heatmaps.panel_images(Path(images) / key, words, alphas, grid, tmp, safe_stem(key))
+            panels[key] = {**entry, "png": png, "maps": word_pngs if attends else []}
+        for key in [e["image"] for e in groups["Random sample"]][: plots if attends else 0]:
+            heatmaps.strip(Path(images) / key, *maps[key], grid, tmp_plots / f"{safe_stem(key)}.png")
+        row = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+        row.update({k: summary[k] for k in ("attention_in_object", "uniform_in_object") if k in summary})
+        html_text = page(
+            f"Captions: {metrics.get('images')} {metrics.get('split')} images, beam {metrics.get('beam_size')}",
+            row,
+            {name: [panels[e["image"]] for e in group] for name, group in groups.items()},
+            curves_svg(read_curves(curves)),
+            note=None if attends else "This decoder does not attend: no attention maps.",
+        )
+        (tmp / "index.html").write_text(html_text, encoding="utf-8")
+    return sum(f.stat().st_size for f in Path(out).iterdir())

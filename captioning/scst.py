@@ -147,6 +147,19 @@ def make_sampler(decoder, start_id, end_id, max_length):
     return sample
 
 
+def fine_tune_model(model, store, captions_h5, settings: FinetuneSettings, seed, checkpoint_dir, on_epoch=None, **kw):
+    """:func:`fine_tune` of a trained model (a :class:`captioning.model_folder.TrainedModel`, changed
+    in place) on the train split of ``captions_h5`` over ``store``'s features, early-stopped on
+    the val split's CIDEr-D (document frequencies: each split's own references)."""
+    from .cider import CiderD
+
+    vocab = model.vocab
+    train, val = image_set(store, captions_h5, "train", vocab), image_set(store, captions_h5, "val", vocab)
+    base = len(vocab) + 1  # token ids are digits of this base in the n-gram keys
+    scorers = CiderD(train.references, base), CiderD(val.references, base)
+    return fine_tune(model.decoder, vocab, train, val, *scorers, settings, seed, checkpoint_dir, on_epoch, **kw)
+
+
 def fine_tune(
     decoder,
     vocab,

@@ -79,6 +79,27 @@ def best_epoch_metrics(state) -> dict:
     return {**{k: best[k] for k in LOGGED}, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"]}
 
 
+def train_decoder(store, vocab, captions_h5, settings: TrainSettings, seed: int, checkpoint_dir, **fit_args):
+    """``(decoder, final state)``: a new decoder of ``settings`` trained (:func:`fit`, which takes
+    ``fit_args``) on the train split of ``captions_h5`` (the vocab stage's file) over the features
+    in ``store`` (the mirror images too where it has them), early-stopped on the val split."""
+    from .caption_set import caption_set
+    from .decoders import build_decoder
+
+    train, val = caption_set(store, captions_h5, "train", vocab), caption_set(store, captions_h5, "val")
+    model = build_decoder(
+        settings.decoder,
+        vocab_size=len(vocab),
+        feature_dim=store.feature_dim,
+        num_locations=store.num_locations,
+        blind=settings.blind,
+        precision=settings.precision,
+        **settings.decoder_settings(),
+    )
+    model.check_max_length(train.tokens.shape[1] - 2, f"{captions_h5} (vocab.max_length)")
+    return model, fit(model, train, val, settings, seed, checkpoint_dir, **fit_args)
+
+
 def fingerprint(model, train: CaptionSet, val: CaptionSet, settings: TrainSettings, seed: int) -> str:
     """The identity of a training path (:func:`captioning.lifecycle.fingerprint`): the model, the
     settings and seed, the captions and the features by identity (any strategy: the same path)."""
@@ -228,44 +249,11 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
     """
     import tensorflow as tf
 
-    from .decoders.base import RowSeed, dense_gradients, masked_cross_entropy_sum
-
     L, C = feature_shape
     replicas = strategy.num_replicas_in_sync
     sig = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]
     vec, scalar = tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.float32)
-
-    def forward(feats, inputs, targets, seed=None):
-        """Logits of the real steps only, packed (N, V) at ``aux["index"]`` (padding is neither
-        computed nor scored); under XLA, which needs shapes fixed when it compiles, (B, T, V)."""
-        if settings.jit:
-            return model.forward(feats, inputs, seed)
-        lengths = tf.reduce_sum(tf.cast(targets > 0, tf.int32), axis=1)  # (B,) each caption's real steps
-        return model.forward(feats, inputs, seed, lengths=lengths, packed=True)
-
-    def loss_and_gradients(feats, tokens, rows, seed, norm):
-        """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
-        whole batch's loss divisor, so the replicas' gradients add up to the batch's."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        with tf.GradientTape() as tape:
-            # Masks drawn for all replicas' rows (padding included: a size known when compiling)
-            # and cut at this replica's; row i's mask is the same for any padded size (tested).
-            padded = tf.shape(tokens)[0] * replicas
-            logits, aux = forward(feats, inputs, targets, RowSeed(seed, rows[0], padded))
-            ce_sum, count = masked_cross_entropy_sum(logits, targets, aux.get("index"), settings.label_smoothing)
-            loss = ce_sum / norm
-            if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
-                share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows
-                extra = tf.cast(model.extra_loss(aux, tf.cast(targets > 0, logits.dtype)), tf.float32)
-                loss += settings.attention_reg * extra * share
-        grads = dense_gradients(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
-        return loss, ce_sum, count, grads
-
-    def val_loss_sum(feats, tokens):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, aux = forward(feats, inputs, targets)
-        return masked_cross_entropy_sum(logits, targets, aux.get("index"))
-
+    loss_and_gradients, val_loss_sum = _replica_losses(model, settings, replicas)
     # train.jit: XLA fuses the many small element-wise ops of a step into few kernels.
     compiled = (lambda fn: tf.function(fn, jit_compile=True, autograph=False)) if settings.jit else (lambda fn: fn)
     grads_step, replica_val_step = compiled(loss_and_gradients), compiled(val_loss_sum)
@@ -310,6 +298,47 @@ def _steps(model, optimizer, settings, strategy, feature_shape, local):
         )
 
     return train_step, val_step, inputs
+
+
+def _replica_losses(model, settings, replicas):
+    """``(loss_and_gradients, val_loss_sum)``: one replica's training loss with its gradients,
+    and its summed validation cross-entropy."""
+    import tensorflow as tf
+
+    from .decoders.base import RowSeed, dense_gradients, masked_cross_entropy_sum
+
+    def forward(feats, inputs, targets, seed=None):
+        """Logits of the real steps only, packed (N, V) at ``aux["index"]`` (padding is neither
+        computed nor scored); under XLA, which needs shapes fixed when it compiles, (B, T, V)."""
+        if settings.jit:
+            return model.forward(feats, inputs, seed)
+        lengths = tf.reduce_sum(tf.cast(targets > 0, tf.int32), axis=1)  # (B,) each caption's real steps
+        return model.forward(feats, inputs, seed, lengths=lengths, packed=True)
+
+    def loss_and_gradients(feats, tokens, rows, seed, norm):
+        """One replica's slice: rows = [its first row, rows in the whole batch]; norm = the
+        whole batch's loss divisor, so the replicas' gradients add up to the batch's."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with tf.GradientTape() as tape:
+            # Masks drawn for all replicas' rows (padding included: a size known when compiling)
+            # and cut at this replica's; row i's mask is the same for any padded size (tested).
+            padded = tf.shape(tokens)[0] * replicas
+            logits, aux = forward(feats, inputs, targets, RowSeed(seed, rows[0], padded))
+            ce_sum, count = masked_cross_entropy_sum(logits, targets, aux.get("index"), settings.label_smoothing)
+            loss = ce_sum / norm
+            if settings.attention_reg > 0:  # the decoder's own term (the attention prior), a mean
+                share = tf.cast(tf.shape(tokens)[0], tf.float32) / tf.cast(rows[1], tf.float32)  # over rows
+                extra = tf.cast(model.extra_loss(aux, tf.cast(targets > 0, logits.dtype)), tf.float32)
+                loss += settings.attention_reg * extra * share
+        grads = dense_gradients(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss, ce_sum, count, grads
+
+    def val_loss_sum(feats, tokens):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        logits, aux = forward(feats, inputs, targets)
+        return masked_cross_entropy_sum(logits, targets, aux.get("index"))
+
+    return loss_and_gradients, val_loss_sum
 
 
 def _check_agreement(strategy, state, checkpoint_dir):

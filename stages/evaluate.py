@@ -4,7 +4,6 @@ import click
 
 from captioning import config
 from captioning.cli import seed_everything, user_errors
-from captioning.errors import CaptioningError
 from captioning.files import read_json, write_json
 
 
@@ -58,77 +57,32 @@ def main(params_file, model_dirs, features, dataset, metrics_out, predictions, p
     params = config.load_params(params_file, {"evaluate": Params})
     p, seed = params["evaluate"], params["seed"]
     seed_everything(seed)
-    from captioning.decode import Decoding, caption_features, steered
-
-    DECODING = {f.name for f in config.dataclasses.fields(Decoding)}
-    DEFAULTS = {f.name: f.default for f in config.dataclasses.fields(Decoding)}
+    from captioning.decode import Decoding
     from captioning.ensemble import load_models
+    from captioning.evaluation import evaluate_split
     from captioning.feature_store import FeatureStore
-    from captioning.metrics import among_n, coco_scores, diversity, word_accuracy
-    from captioning.vocab import make_tokenizer
 
+    fields = {f.name: f.default for f in config.dataclasses.fields(Decoding)}
     store = FeatureStore(features)
-    in_split = [r for r in read_json(dataset)["images"] if r["split"] == p.split]
-    records = [r for r in in_split if r["image"] in store.index]
-    if not records:
-        raise CaptioningError(f"{dataset}: no images with features in the '{p.split}' split")
     model = load_models(model_dirs)
     model.decoder.check_max_length(p.max_length, "evaluate.max_length")
-    keys = [r["image"] for r in records]
-    rows = store.rows(keys)  # read from disk a batch at a time
-    decoding = Decoding(
-        **{f: getattr(p, f) for f in DECODING if f in Params.__dataclass_fields__}, seed=seed
-    )  # CaptioningError names a bad combination
-    several = None  # every image's captions (best first; sampled: in draw order) when there are several
-    if decoding.steered:  # n-best, diverse or sampled: the host-driven search of captioning/steer.py
-        found = [h for i in range(0, len(keys), p.batch_size) for h in
-                 steered(model.decoder, model.vocab, rows[i : i + p.batch_size], decoding)]  # fmt: skip
-        several = [[model.vocab.decode(t) for t, _, _ in hyps] for hyps in found]
-        hyps, log_probs = [c[0] for c in several], [hyps[0][2] for hyps in found]
-    else:
-        hyps, log_probs = caption_features(
-            model.decoder, model.vocab, rows, p.beam_size, p.max_length, p.length_penalty, p.batch_size, progress
-        )
-    refs = {r["image"]: r["captions"] for r in records}
-    by_key = dict(zip(keys, hyps))
-    scores, per_image = coco_scores(refs, by_key, log=click.echo, per_image=True)
-    scores["mean_log_prob"] = round(sum(log_probs) / len(log_probs), 6)
-    tokenize = make_tokenizer()
-    train = {
-        " ".join(tokenize(c)) for r in read_json(dataset)["images"] if r["split"] == "train" for c in r["captions"]
-    }
-    tokenized = {k: [" ".join(tokenize(c)) for c in v] for k, v in refs.items()}
-    scores.update(diversity(hyps, train, tokenized))
-    pairs = [(i, tokenize(c)) for i, k in enumerate(keys) for c in refs[k]]
-    scores["word_accuracy"] = word_accuracy(model.decoder, model.vocab, rows, pairs, p.max_length)
-    if several and min(map(len, several)) > 1:
-        scores.update(among_n(refs, dict(zip(keys, several))))
-    if all("truth" in r for r in records):  # the generated data knows what each image shows
-        from captioning.shapes import scene_accuracy
-
-        scores.update(scene_accuracy(by_key, {r["image"]: r["truth"] for r in records}))
+    # CaptioningError names a bad combination of settings
+    decoding = Decoding(**{f: getattr(p, f) for f in fields if f in Params.__dataclass_fields__}, seed=seed)
+    scores, preds = evaluate_split(
+        model, store, read_json(dataset)["images"], p.split, decoding, p.batch_size, progress, click.echo, dataset
+    )
     scores.update(
-        images=len(keys),
-        images_without_features=len(in_split) - len(records),
-        split=p.split,
         beam_size=p.beam_size,
         max_length=p.max_length,
         length_penalty=p.length_penalty,
         **({"ensemble": len(model_dirs)} if len(model_dirs) > 1 else {}),
-        **{f: getattr(p, f) for f in ("n_best", "groups", "diversity", "sample") if getattr(p, f) != DEFAULTS[f]},
+        **{f: getattr(p, f) for f in ("n_best", "groups", "diversity", "sample") if getattr(p, f) != fields[f]},
     )
     write_json(metrics_out, scores)
-    write_json(
-        predictions,
-        [
-            {"image": k, "caption": by_key[k], "log_prob": round(lp, 6), **per_image[k], "references": refs[k]}
-            | ({"captions": several[i]} if several else {})
-            for i, (k, lp) in enumerate(zip(keys, log_probs))
-        ],
-    )
+    write_json(predictions, preds)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float) and k != "length_penalty")
     missing = f" ({scores['images_without_features']} without features)" if scores["images_without_features"] else ""
-    click.echo(f"evaluate: {len(keys)} {p.split} images{missing}, beam {p.beam_size}: {shown} -> {metrics_out}")
+    click.echo(f"evaluate: {len(preds)} {p.split} images{missing}, beam {p.beam_size}: {shown} -> {metrics_out}")
 
 
 if __name__ == "__main__":

@@ -44,16 +44,12 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
     seed_everything(seed)
     from dvclive import Live
 
-    from captioning.cider import CiderD
     from captioning.feature_store import FeatureStore
     from captioning.model_folder import load_model, save_model
-    from captioning.scst import fine_tune, image_set
+    from captioning.scst import fine_tune_model
 
     model = load_model(model_dir)
     model.decoder.check_max_length(p.max_length, "finetune.max_length")
-    store = FeatureStore(features)
-    train, val = image_set(store, captions, "train", model.vocab), image_set(store, captions, "val", model.vocab)
-    base = len(model.vocab) + 1
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
 
         def on_epoch(epoch, m):
@@ -61,19 +57,8 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
                 live.log_metric(k, m[k])
             live.next_step()
 
-        state = fine_tune(
-            model.decoder,
-            model.vocab,
-            train,
-            val,
-            CiderD(train.references, base),
-            CiderD(val.references, base),
-            p,
-            seed,
-            checkpoint,
-            on_epoch=on_epoch,
-            progress=progress,
-            log=click.echo,
+        state = fine_tune_model(
+            model, FeatureStore(features), captions, p, seed, checkpoint, on_epoch, progress=progress, log=click.echo
         )
         best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
         live.summary = {

@@ -45,30 +45,16 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
     strategy = make_strategy(p.strategy)  # before any other TF op (multi_worker needs that)
     from dvclive import Live
 
-    from captioning.caption_set import caption_set
-    from captioning.decoders import build_decoder
     from captioning.feature_store import FeatureStore
     from captioning.model_folder import save_model
-    from captioning.train import LOGGED, best_epoch_metrics, fit
+    from captioning.train import LOGGED, best_epoch_metrics, train_decoder
     from captioning.vocab import Vocabulary
 
     store = FeatureStore(features)
     voc = Vocabulary.from_json(read_json(vocab_file))
-    train_set, val_set = caption_set(store, captions, "train", voc), caption_set(store, captions, "val")
-    model = build_decoder(
-        p.decoder,
-        vocab_size=len(voc),
-        feature_dim=store.feature_dim,
-        num_locations=store.num_locations,
-        blind=p.blind,
-        precision=p.precision,
-        **p.decoder_settings(),
-    )
-    model.check_max_length(train_set.tokens.shape[1] - 2, f"{captions} (vocab.max_length)")
+    run = dict(progress=progress, log=click.echo, strategy=strategy)
     if not is_chief(strategy):  # a helper worker: the chief writes the checkpoint and every output
-        state = fit(
-            model, train_set, val_set, p, seed, checkpoint, progress=progress, log=click.echo, strategy=strategy
-        )
+        _, state = train_decoder(store, voc, captions, p, seed, checkpoint, **run)
         click.echo(f"train ({worker_name(strategy)}): {state['epoch']} epochs; the chief writes {model_dir}")
         return
     with Live(live_dir, dvcyaml=None, save_dvc_exp=False, report=None) as live:
@@ -78,18 +64,7 @@ def main(params_file, features, vocab_file, captions, model_dir, checkpoint, liv
                 live.log_metric(k, m[k])
             live.next_step()
 
-        state = fit(
-            model,
-            train_set,
-            val_set,
-            p,
-            seed,
-            checkpoint,
-            on_epoch=on_epoch,
-            progress=progress,
-            log=click.echo,
-            strategy=strategy,
-        )
+        model, state = train_decoder(store, voc, captions, p, seed, checkpoint, on_epoch=on_epoch, **run)
         # metrics.json (what `dvc metrics show` prints) describes the saved model: the best
         # epoch, logged at dvclive step best_epoch - 1; the curves keep every epoch.
         live.summary = {**best_epoch_metrics(state), "step": state["best_epoch"] - 1}

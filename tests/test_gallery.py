@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioning import gallery
+from captioning import gallery, heatmaps
 from captioning.decode import word_attention
 from captioning.shapes import OBJECT_RE
 
@@ -18,7 +18,7 @@ def test_a_one_hot_attention_lights_exactly_its_grid_cell(grid, size):
     width, height = size
     ys, xs = np.mgrid[0:height, 0:width]
     for cell in range(h * w):
-        heat = gallery.upsample(np.eye(h * w)[cell], grid, size)
+        heat = heatmaps.upsample(np.eye(h * w)[cell], grid, size)
         assert heat.shape == (height, width)
         r, c = divmod(cell, w)
         inside = (ys * h // height == r) & (xs * w // width == c)  # the pixels whose cell is (r, c)
@@ -29,7 +29,7 @@ def test_overlay_colours_only_where_the_decoder_looked():
     image = np.full((4, 4, 3), 200, np.uint8)
     heat = np.zeros((4, 4), np.float32)
     heat[:2, :2] = 0.3  # scaled to its maximum: this block is fully lit
-    out = gallery.overlay(image, heat).astype(int)
+    out = heatmaps.overlay(image, heat).astype(int)
     assert (out[2:, 2:] == int(200 * 0.45)).all()  # elsewhere: dimmed photo only
     lit = out[0, 0]
     assert lit[0] > lit[1] and lit[0] > out[3, 3, 0]  # painted towards red, brighter than the rest
@@ -40,11 +40,11 @@ def test_attention_on_objects_against_a_hand_made_scene():
     truth = {"objects": [{"size": "small", "colour": "red", "shape": "circle", "box": [0.0, 0.0, 0.5, 1.0]}]}
     words = ["a", "small", "red", "circle"]
     alphas = np.array([[0.25] * 4, [1, 0, 0, 0], [0.5, 0, 0.5, 0], [0, 1, 0, 0]], np.float32)
-    share, uniform, n = gallery.attention_on_objects([(words, alphas)], [truth], grid, OBJECT_RE)
+    share, uniform, n = heatmaps.attention_on_objects([(words, alphas)], [truth], grid, OBJECT_RE)
     assert n == 3  # "small", "red", "circle": the object's words, not "a"
     assert share == pytest.approx((1 + 1 + 0) / 3) and uniform == pytest.approx(0.5)
     # a caption naming the wrong object is left out
-    assert gallery.attention_on_objects([(["a", "small", "red", "square"], alphas)], [truth], grid, OBJECT_RE)[2] == 0
+    assert heatmaps.attention_on_objects([(["a", "small", "red", "square"], alphas)], [truth], grid, OBJECT_RE)[2] == 0
 
 
 def test_word_maps_are_the_attention_each_word_was_generated_with():

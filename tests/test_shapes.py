@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from captioning import shapes
+from captioning import scene_metrics, shapes
 
 
 def digest(folder):
@@ -36,8 +36,8 @@ def test_every_caption_names_every_object(tmp_path):
         assert len(im["sentences"]) == 5 and len({s["raw"] for s in im["sentences"]}) == 5
         in_reading_order = [(o["size"], o["colour"], o["shape"]) for o in gt["objects"]]
         for s in im["sentences"]:
-            assert shapes.content_correct(s["raw"], gt), (s["raw"], gt)
-            assert shapes.layout_correct(s["raw"], gt), (s["raw"], gt)  # every template's relation parses
+            assert scene_metrics.content_correct(s["raw"], gt), (s["raw"], gt)
+            assert scene_metrics.layout_correct(s["raw"], gt), (s["raw"], gt)  # every template's relation parses
             assert shapes.OBJECT_RE.findall(s["raw"]) == in_reading_order, s["raw"]
     assert counts == {1, 2, 3}
 
@@ -93,9 +93,9 @@ ROW3 = scene("row", RED, BLUE, GREEN)
     ],
 )
 def test_object_and_layout_accuracy_on_hand_written_captions(truth, caption, objects, layout):
-    assert shapes.content_correct(caption, truth) is objects
-    assert shapes.layout_correct(caption, truth) is layout
-    assert shapes.scene_accuracy({"x": caption}, {"x": truth}) == {
+    assert scene_metrics.content_correct(caption, truth) is objects
+    assert scene_metrics.layout_correct(caption, truth) is layout
+    assert scene_metrics.scene_accuracy({"x": caption}, {"x": truth}) == {
         "object_accuracy": float(objects),
         "layout_accuracy": float(layout),
     }

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from captioning.commands import main as cli
 from captioning.metrics import coco_scores, spice_available
-from captioning.shapes import scene_accuracy
+from captioning.scene_metrics import scene_accuracy
 from stages import evaluate, train
 
 
