@@ -1,102 +1,95 @@
-"""Training speed of each decoder on the same cached features: seconds per epoch, from timed steps.
+"""Training speed and memory of each decoder on the same cached features: the real training loop.
 
-    python -m benchmarks.decoder_speed FEATURES CAPTIONS [--steps 40] [--batch 128]
+    python -m benchmarks.decoder_speed FEATURES CAPTIONS VOCAB [--captions 6400] [--only gru ...]
 
-FEATURES / CAPTIONS: a features file and encoded captions (e.g. a Flickr8k run's data/features.h5
-and data/captions.h5). Each variant builds the decoder with the settings of benchmarks/flickr8k.sh,
-runs a few warm-up steps, then times ``--steps`` training steps on real batches of the train split
-(one variant at a time, so they never share the cores) and prints parameters, steps/s and the
-implied seconds per epoch. Run it with nothing else on the machine.
+FEATURES / CAPTIONS / VOCAB: a Flickr8k run's data/features.h5, data/captions.h5 and
+data/vocab.json. Each variant runs in its own process (so its peak RSS is its own), builds the
+decoder with the settings of benchmarks/flickr8k.sh (dropout 0.5, batch 128, Adam 1e-3) and
+trains one epoch of ``captioning.train.fit`` on the first ``--captions`` training captions
+(features streamed from the file, as the train stage does; val: 640 captions). Prints the epoch's
+seconds, captions/s, the implied seconds for a whole Flickr8k epoch (30,000 captions) and the
+peak RSS. Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import click
-import numpy as np
 
-# name -> (decoder, settings) as in benchmarks/flickr8k.sh
-VARIANTS = {
-    "gru": ("gru", {"attention": True, "attention_units": 256, "units": 512}),
-    "gru-noatt": ("gru", {"attention": False, "attention_units": 256, "units": 512}),
-    "lstm": ("lstm", {"attention": True, "attention_units": 256, "units": 512}),
-    "lstm-noatt": ("lstm", {"attention": False, "attention_units": 256, "units": 512}),
-    "transformer": ("transformer", {"units": 1024, "num_layers": 2, "num_heads": 4}),
+RECIPE = {"embed_dim": 256, "units": 512, "attention_units": 256, "dropout": 0.5, "batch_size": 128,
+          "learning_rate": 0.001, "lr_decay": 1.0, "attention_reg": 0.01, "epochs": 1, "patience": 1}  # fmt: skip
+VARIANTS = {  # name -> train settings over RECIPE, as benchmarks/flickr8k.sh's variants
+    "gru": {"decoder": "gru", "attention": True},
+    "lstm": {"decoder": "lstm", "attention": True},
+    "updown": {"decoder": "updown", "attention": True},
+    "transformer": {"decoder": "transformer", "units": 1024, "num_layers": 2, "num_heads": 4, "attention_reg": 0.0},
 }
+FULL_EPOCH = 30_000  # Flickr8k training captions (6,000 images x 5)
 
 
 @click.command()
 @click.argument("features", type=click.Path(exists=True, dir_okay=False))
 @click.argument("captions", type=click.Path(exists=True, dir_okay=False))
-@click.option("--steps", default=40, show_default=True)
-@click.option("--batch", default=128, show_default=True)
-@click.option("--only", multiple=True, help="Variants to time (default: all).")
-def main(features, captions, steps, batch, only):
-    from captioning.cli import seed_everything
-
-    seed_everything(0)
-    from captioning.feature_store import FeatureStore
-    from captioning.train import CaptionSet
-    from captioning.vocab import load_encoded
-
-    store = FeatureStore(features)
-    images, tokens = load_encoded(captions, "train")
-    keys = sorted(set(images))
-    row = {k: i for i, k in enumerate(keys)}
-    data = CaptionSet(store.load(keys), tokens.astype(np.int32), np.array([row[i] for i in images]))
-    n_batches = (len(data.tokens) + batch - 1) // batch
-    vocab_size = int(tokens.max()) + 1
-    print(f"{len(data.tokens)} captions, {n_batches} batches of {batch} per epoch")
+@click.argument("vocab", type=click.Path(exists=True, dir_okay=False))
+@click.option("--captions", "n_captions", default=6400, show_default=True, help="Training captions timed.")
+@click.option("--only", multiple=True, type=click.Choice(list(VARIANTS)), help="Variants to time (default: all).")
+@click.option("--one", type=click.Choice(list(VARIANTS)), hidden=True, help="Time this variant in this process.")
+def main(features, captions, vocab, n_captions, only, one):
+    if one:
+        print(json.dumps(time_variant(one, features, captions, vocab, n_captions)))
+        return
+    print(
+        "| decoder | parameters | epoch of N captions (s) | captions/s | Flickr8k epoch (s, implied) | peak RSS (GB) |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in only or VARIANTS:
-        model, per_step = time_variant(name, store, data, vocab_size, batch, steps)
+        cmd = [sys.executable, "-m", "benchmarks.decoder_speed", features, captions, vocab, "--one", name,
+               "--captions", str(n_captions)]  # fmt: skip
+        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         print(
-            f"{name:12s} params {model.count_params():>9,d}  {1 / per_step:6.2f} steps/s"
-            f"  ~{per_step * n_batches:6.0f} s/epoch"
+            f"| {name} | {out['params']:,} | {out['epoch_s']:.1f} | {out['captions_per_s']:.0f}"
+            f" | {FULL_EPOCH / out['captions_per_s']:.0f} | {out['peak_rss_gb']:.2f} |"
         )
 
 
-def time_variant(name, store, data, vocab_size, batch, steps):
-    """Build ``name`` and return ``(model, seconds per training step)``."""
-    import keras
-    import tensorflow as tf
+def time_variant(name, features, captions, vocab_file, n_captions):
+    import dataclasses
+    import tempfile
 
+    from captioning.caption_set import caption_set
+    from captioning.cli import seed_everything
+    from captioning.config import load_section
     from captioning.decoders import build_decoder
-    from captioning.decoders.base import masked_cross_entropy
+    from captioning.feature_store import FeatureStore
+    from captioning.files import read_json
+    from captioning.train import TrainSettings, fit
+    from captioning.vocab import Vocabulary
 
-    kind, settings = VARIANTS[name]
+    seed_everything(0)
+    root = Path(__file__).resolve().parents[1]
+    settings = load_section(root / "params.yaml", "train", TrainSettings, **{**RECIPE, **VARIANTS[name]})
+    store, vocab = FeatureStore(features), Vocabulary.from_json(read_json(vocab_file))
+    train, val = caption_set(store, captions, "train"), caption_set(store, captions, "val")
+    train = dataclasses.replace(train, tokens=train.tokens[:n_captions], image_rows=train.image_rows[:n_captions])
+    val = dataclasses.replace(val, tokens=val.tokens[:640], image_rows=val.image_rows[:640])
     model = build_decoder(
-        kind,
-        vocab_size=vocab_size,
-        feature_dim=store.feature_dim,
-        num_locations=store.num_locations,
-        embed_dim=256,
-        dropout=0.3,
-        **settings,
-    )
-    model.build()
-    opt = keras.optimizers.Adam(1e-3)
-
-    @tf.function(reduce_retracing=True)
-    def step(feats, toks, seed):
-        inputs, targets = toks[:, :-1], toks[:, 1:]
-        with tf.GradientTape() as tape:
-            logits, aux = model.forward(feats, inputs, dropout_seed=seed)
-            mask = tf.cast(targets > 0, logits.dtype)
-            loss = masked_cross_entropy(logits, targets) + 0.01 * model.extra_loss(aux, mask)
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    batches = data.batches(batch, np.random.default_rng(0))
-    for i in range(3):  # warm-up: tracing for the first shapes seen
-        f, t = next(batches)
-        step(f, t, tf.constant([0, i])).numpy()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        f, t = next(batches)
-        step(f, t, tf.constant([1, i])).numpy()
-    return model, (time.perf_counter() - t0) / steps
+        settings.decoder, vocab_size=len(vocab), feature_dim=store.feature_dim, num_locations=store.num_locations,
+        **settings.decoder_settings(),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        state = fit(model, train, val, settings, 0, Path(tmp) / "ckpt", progress=False, log=lambda m: None)
+    seconds = state["history"][0]["seconds"]
+    return {
+        "params": model.count_params(),
+        "epoch_s": seconds,
+        "captions_per_s": len(train.tokens) / seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 if __name__ == "__main__":
