@@ -24,7 +24,15 @@ def main():
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_dir", default="models_final", show_default=True, type=click.Path(), help=MODEL_HELP)
+@click.option(
+    "--model",
+    "model_dirs",
+    default=("models_final",),
+    multiple=True,
+    show_default=True,
+    type=click.Path(),
+    help=MODEL_HELP + " Given several times: the models decode as one ensemble (one vocabulary, one encoder).",
+)
 @click.option(
     "--beam-size",
     default=3,
@@ -64,7 +72,7 @@ def main():
     "--html", "html_out", type=click.Path(dir_okay=False), help="Write a small page for these images (PNGs beside it)."
 )
 @user_errors
-def caption(images, model_dir, as_json, attention_dir, html_out, **decoding):
+def caption(images, model_dirs, as_json, attention_dir, html_out, **decoding):
     """Print one caption per image, using the trained model and the encoder it was trained on.
 
     A model folder's encoder is rebuilt from its config (backbone, layer, weights file); a bundle
@@ -82,7 +90,8 @@ def caption(images, model_dir, as_json, attention_dir, html_out, **decoding):
     from .images import ImageError
     from .inference import Captioner
 
-    captioner = Captioner.load(model_dir)
+    captioner = Captioner.load(*model_dirs)
+    model_dir = model_dirs[0]
     wants_maps = bool(attention_dir or html_out)
     Decoding(**decoding)  # bad settings stop here, before any image is read
     if wants_maps and not captioner.attends:

@@ -194,7 +194,8 @@ def _image_batches(paths, size, batch_size, threads=2, ahead=3):
                 yield np.stack([img for img, _ in done]), [err for _, err in done]
 
 
-def _fingerprint(spec: EncoderSpec, keys, batch_size, dtype) -> str:
+def _extraction_id(spec: EncoderSpec, keys, batch_size, dtype) -> str:
+    """Identity of an extraction (what resuming its partial file needs to match)."""
     import hashlib
 
     h = hashlib.sha256(json.dumps([spec.attrs(), batch_size, dtype], sort_keys=True).encode())
@@ -251,7 +252,7 @@ def extract_features(
     partial, ledger = out.with_name(out.name + ".partial.h5"), out.with_name(out.name + ".partial.json")
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # older versions' chunk folder
     job = _Job(spec, Path(image_dir), keys, batch_size, dtype, batch_size * chunk_batches, shard)
-    state = _resume_state(partial, ledger, _fingerprint(spec, keys, batch_size, dtype))
+    state = _resume_state(partial, ledger, _extraction_id(spec, keys, batch_size, dtype))
     # Decoding shares the cores with the CNN: one thread per two cores kept it fed best here
     # (2 cores: 1 thread 92 img/s, 2 threads 89 img/s on 500x375 JPEGs).
     threads = decode_threads or max(1, (os.cpu_count() or 2) // 2)

@@ -64,8 +64,13 @@ class Captioner:
         self.timings = {}
 
     @classmethod
-    def load(cls, path) -> Captioner:
-        """A model folder (its encoder rebuilt from settings) or a bundle (its own encoder.keras)."""
+    def load(cls, path, *more) -> Captioner:
+        """A model folder (its encoder rebuilt from settings) or a bundle (its own encoder.keras);
+        with ``more`` folders, all of them decoding as one ensemble (the first one's encoder)."""
+        if more:
+            from .ensemble import load_models
+
+            return cls(load_models([path, *more]))
         return cls(load_model(path))
 
     @staticmethod

@@ -155,7 +155,7 @@ def test_content_hash_identifies_the_features(tmp_path, shapes_dir):
 
 
 def test_stale_or_broken_partial_work_is_discarded(tmp_path, shapes_dir):
-    from captioning.encoder import _fingerprint
+    from captioning.encoder import _extraction_id
 
     keys = keys_of(shapes_dir)[:4]
     images = shapes_dir / "images"
@@ -163,7 +163,7 @@ def test_stale_or_broken_partial_work_is_discarded(tmp_path, shapes_dir):
     assert clean["resumed_images"] == 0
     cases = {
         "other.h5": ({"fingerprint": "other settings", "done": [0], "errors": {}}, None),  # another run's work
-        "junk.h5": ({"fingerprint": _fingerprint(SPEC, keys, 4, "float16"), "done": [0], "errors": {}}, b"junk"),
+        "junk.h5": ({"fingerprint": _extraction_id(SPEC, keys, 4, "float16"), "done": [0], "errors": {}}, b"junk"),
     }
     for name, (ledger, junk) in cases.items():
         partial = tmp_path / f"{name}.partial.h5"

@@ -82,6 +82,9 @@ def test_caption_cli(tiny_run, tmp_path):
     assert "broken.jpg: not an image file" in result.stderr
     ok = CliRunner().invoke(cli, args[:-1] + ["--beam-size", "1", str(imgs[0])])
     assert ok.exit_code == 0 and ok.stdout.startswith(str(imgs[0]) + "\t")
+    # The model and its copy as an ensemble: equal probabilities averaged, the same caption.
+    twice = CliRunner().invoke(cli, args[:-1] + ["--model", str(root / "models"), "--beam-size", "1", str(imgs[0])])
+    assert twice.exit_code == 0 and twice.stdout == ok.stdout
 
 
 def test_caption_features_match_the_stored_ones(tiny_run):
