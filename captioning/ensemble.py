@@ -87,12 +87,12 @@ def load_models(folders) -> TrainedModel:
         return models[0]
     first = models[0]
     for m in models[1:]:
-        for what, mine, theirs in (
-            ("vocabulary", m.vocab.words, first.vocab.words),
-            ("encoder", m.encoder, first.encoder),
-            ("feature precision", m.feature_dtype, first.feature_dtype),
+        for what, same in (
+            ("vocabulary", m.vocab.words == first.vocab.words),
+            ("encoder", m.encoder.same_network(first.encoder)),
+            ("feature precision", m.feature_dtype == first.feature_dtype),
         ):
-            if mine != theirs:
+            if not same:
                 raise CaptioningError(f"{m.folder}: another {what} than {first.folder}; an ensemble needs the same")
     try:
         decoder = Ensemble([m.decoder for m in models])

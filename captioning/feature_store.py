@@ -74,6 +74,12 @@ class EncoderSpec:
             del d["file_hash"]
         return d
 
+    def same_network(self, other: EncoderSpec) -> bool:
+        """Whether the two specs build the same network: the seed counts only for a built-in
+        backbone's random initialisation (``weights: none``)."""
+        random = self.weights == "none" and not is_model_file(self.backbone)
+        return self == other if random else dataclasses.replace(self, seed=0) == dataclasses.replace(other, seed=0)
+
     @classmethod
     def from_attrs(cls, attrs: dict) -> EncoderSpec:
         """The spec stored by :meth:`attrs` (in a features file or a model's config)."""

@@ -318,3 +318,15 @@ def test_flip_adds_each_images_mirror_image_next_to_it(tmp_path, shapes_dir):
     got = store.load([keys[1], keys[1] + "#flip"])
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
     assert not np.allclose(got[0], got[1], atol=1e-2)
+
+
+def test_the_seed_names_another_network_only_for_a_random_init():
+    random = EncoderSpec(backbone="vgg16", weights="none", image_size=32, seed=1)
+    assert not random.same_network(EncoderSpec(backbone="vgg16", weights="none", image_size=32, seed=2))
+    trained = EncoderSpec(backbone="vgg16", weights="imagenet", image_size=32, seed=1)
+    assert trained.same_network(EncoderSpec(backbone="vgg16", weights="imagenet", image_size=32, seed=2))
+    file = EncoderSpec(backbone="cnn.keras", weights="none", image_size=32, seed=1, file_hash="ab")
+    assert file.same_network(EncoderSpec(backbone="cnn.keras", weights="none", image_size=32, seed=2, file_hash="ab"))
+    assert not file.same_network(
+        EncoderSpec(backbone="cnn.keras", weights="none", image_size=32, seed=2, file_hash="cd")
+    )
