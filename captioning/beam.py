@@ -1,8 +1,8 @@
-"""Batched beam search over any step function (numpy; the model supplies the step).
+"""Batched beam search over any :class:`Step` (numpy; the model supplies the step).
 
-``step_fn(tokens (N,), state) -> (log_probs (N, V), state')`` where N = batch * rows per item
-and ``state`` is a tuple of arrays whose first axis is N (the ``static`` parts: one row per
-item). Greedy decoding is ``beam_size=1``. The step may return :class:`Candidates` instead of
+``step(tokens (N,), state) -> (log_probs (N, V), state')`` where N = batch * rows per item
+and ``state`` is a tuple of arrays whose first axis is N (the step's ``static`` parts: one row
+per item). Greedy decoding is ``beam_size=1``. The step may return :class:`Candidates` instead of
 the (N, V) log-probs: each row's ``beam_size + 1`` best tokens and its ``<end>`` log-prob are
 all the search reads, so a model can pick them where it computed them (make_step_fn does it in
 TensorFlow) and hand back (N, 6) arrays instead of (N, V).
