@@ -44,7 +44,8 @@ def main(features, captions, vocab, n_captions, only, one):
         print(json.dumps(time_variant(one, features, captions, vocab, n_captions)))
         return
     print(
-        "| decoder | parameters | epoch of N captions (s) | captions/s | Flickr8k epoch (s, implied) | peak RSS (GB) |"
+        f"| decoder | parameters | epoch of {n_captions} captions (s) | captions/s | Flickr8k epoch (s, implied)"
+        " | peak RSS (GB) |"
     )
     print("|---|---|---|---|---|---|")
     for name in only or VARIANTS:
