@@ -37,6 +37,7 @@ class FinetuneSettings:
     patience: int = config.field(lo=1)  # epochs without a better val CIDEr-D before stopping
     max_length: int = config.field(lo=1, hi=200)  # words per sampled caption
     clip_norm: float = config.field(lo=0.0)
+    dropout: bool = config.field()  # the loss's forward pass drops out at the decoder's rate (sampling never does)
 
     def validate(self, section):
         if self.baseline == "mean" and self.samples < 2:
@@ -252,7 +253,8 @@ def _epoch(state, policy, train, train_refs, scorer, settings, seed, progress):
             base = baseline(rewards, K, [scorer.score(scorer.vector(c), train_refs[i]) for c, i in zip(g, idx)])
         else:
             base = baseline(rewards, K)
-        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), tf.constant(rewards - base, tf.float32))
+        advantage = tf.constant(rewards - base, tf.float32)
+        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), advantage, tf.constant([seed, state["step"]]))
         rewards_seen.append(rewards.mean())
         lengths.extend(len(c) for c in caps)
     return epoch, rewards_seen, lengths
@@ -272,11 +274,11 @@ class _Policy:
         self._step = make_step_fn(decoder, top_k=2, end_id=vocab.end_id)  # greedy: beam 1 reads 2 candidates
         L, C = feature_shape
         signature = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32),
-                     tf.TensorSpec([None], tf.float32)]  # fmt: skip
+                     tf.TensorSpec([None], tf.float32), tf.TensorSpec([2], tf.int32)]  # fmt: skip
         self.train_step = tf.function(self._train_step, input_signature=signature)
-        self._optimizer, self._clip_norm = optimizer, settings.clip_norm
+        self._optimizer, self._clip_norm, self._dropout = optimizer, settings.clip_norm, settings.dropout
 
-    def _train_step(self, feats, seqs, advantage):
+    def _train_step(self, feats, seqs, advantage, seed):
         import tensorflow as tf
 
         from .decoders.base import dense_gradients
@@ -285,8 +287,10 @@ class _Policy:
         inputs = tf.concat([tf.fill([tf.shape(seqs)[0], 1], vocab.start_id), seqs[:, :-1]], axis=1)
         mask = policy_mask(seqs, self.max_length)
         with tf.GradientTape() as tape:
-            # No dropout: the policy that sampled. Only the sampled steps run (packed, for recurrent decoders).
-            logits, _ = decoder.forward(feats, inputs, lengths=tf.cast(tf.reduce_sum(mask, axis=1), tf.int32))
+            # Only the sampled steps run (packed, for recurrent decoders). Without dropout this is the
+            # policy that sampled; with it, the update is regularised as cross-entropy training is.
+            lengths = tf.cast(tf.reduce_sum(mask, axis=1), tf.int32)
+            logits, _ = decoder.forward(feats, inputs, dropout_seed=seed if self._dropout else None, lengths=lengths)
             logits = policy_logits(logits)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
             loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))

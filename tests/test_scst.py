@@ -1,6 +1,7 @@
 """Self-critical sequence training: the baseline maths, seeded sampling, learning, exact resume,
 and the finetune stage on the tiny pipeline."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -39,7 +40,7 @@ def toy(n, seed):
     return ImageSet(feats, [[[4, 5 + lab], [4, 5 + lab]] for lab in labels])
 
 
-def tiny_decoder():
+def tiny_decoder(dropout=0.0):
     from captioning.cli import seed_everything
 
     seed_everything(0)
@@ -52,7 +53,7 @@ def tiny_decoder():
         units=8,
         attention=True,
         attention_units=4,
-        dropout=0.0,
+        dropout=dropout,
     )
 
 
@@ -118,6 +119,19 @@ def test_fine_tuning_raises_val_cider_and_is_deterministic(tmp_path):
     b, _ = run(tmp_path, "b")
     for x, y in zip(a.weights, b.weights):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_dropout_in_the_update_is_seeded_and_changes_the_path(tmp_path):
+    """finetune.dropout: the update's forward pass drops out (seeded by the step), so two runs
+    agree bit for bit, differ from the run without dropout, and still learn."""
+    settings = dataclasses.replace(SETTINGS, dropout=True)
+    a, state = run(tmp_path, "a", settings, decoder=tiny_decoder(dropout=0.3))
+    b, _ = run(tmp_path, "b", settings, decoder=tiny_decoder(dropout=0.3))
+    plain, _ = run(tmp_path, "plain", decoder=tiny_decoder(dropout=0.3))
+    assert state["best_val_cider"] > state["start_val_cider"] + 0.5, state["history"]
+    for x, y in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    assert any(not np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a.weights, plain.weights))
 
 
 def test_a_killed_run_resumes_on_the_same_path(tmp_path):
