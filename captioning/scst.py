@@ -253,8 +253,8 @@ def _epoch(state, policy, train, train_refs, scorer, settings, seed, progress):
             base = baseline(rewards, K, [scorer.score(scorer.vector(c), train_refs[i]) for c, i in zip(g, idx)])
         else:
             base = baseline(rewards, K)
-        advantage = tf.constant(rewards - base, tf.float32)
-        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), advantage, tf.constant([seed, state["step"]]))
+        advantage, step_seed = tf.constant(rewards - base, tf.float32), tf.constant([seed, state["step"]])
+        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), advantage, step_seed)
         rewards_seen.append(rewards.mean())
         lengths.extend(len(c) for c in caps)
     return epoch, rewards_seen, lengths
