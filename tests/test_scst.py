@@ -134,21 +134,27 @@ def test_dropout_in_the_update_is_seeded_and_changes_the_path(tmp_path):
     assert any(not np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a.weights, plain.weights))
 
 
-def test_a_killed_run_resumes_on_the_same_path(tmp_path):
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_killed_run_resumes_on_the_same_path(tmp_path, dropout):
     class Killed(Exception):
         pass
+
+    settings = dataclasses.replace(SETTINGS, dropout=dropout)
+
+    def go(name, **kw):  # with dropout, the update's masks come from the checkpointed step count
+        return run(tmp_path, name, settings, decoder=tiny_decoder(dropout=0.3 if dropout else 0.0), **kw)
 
     def kill_after_epoch_2(epoch, metrics):  # called once the epoch's checkpoint is written
         if epoch == 2:
             raise Killed
 
     with pytest.raises(Killed):
-        run(tmp_path, "ckpt", on_epoch=kill_after_epoch_2)
+        go("ckpt", on_epoch=kill_after_epoch_2)
     assert json.loads((tmp_path / "ckpt/state.json").read_text())["epoch"] == 2
     messages = []
-    resumed, r_state = run(tmp_path, "ckpt", log=messages.append)
+    resumed, r_state = go("ckpt", log=messages.append)
     assert messages[0].startswith("resuming from") and "after epoch 2" in messages[0]
-    clean, c_state = run(tmp_path, "clean")
+    clean, c_state = go("clean")
     assert [h["val_cider"] for h in r_state["history"]] == [h["val_cider"] for h in c_state["history"]]
     for x, y in zip(resumed.weights, clean.weights):
         np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-6)
