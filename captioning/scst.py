@@ -38,6 +38,7 @@ class FinetuneSettings:
     max_length: int = config.field(lo=1, hi=200)  # words per sampled caption
     clip_norm: float = config.field(lo=0.0)
     dropout: bool = config.field()  # the loss's forward pass drops out at the decoder's rate (sampling never does)
+    xe_weight: float = config.field(lo=0.0)  # >0: plus this times the cross-entropy of the images' references
 
     def validate(self, section):
         if self.baseline == "mean" and self.samples < 2:
@@ -243,18 +244,20 @@ def _epoch(state, policy, train, train_refs, scorer, settings, seed, progress):
     n_batches = (len(order) + B - 1) // B
     for b in tqdm(range(n_batches), desc=f"scst {epoch}", unit="batch", disable=not progress, leave=False):
         idx = np.sort(order[b * B : (b + 1) * B])  # sorted rows: h5py-friendly, same set
-        feats = np.repeat(train.features[idx], K, axis=0)  # (B*K, L, C)
+        image_feats = train.features[idx]  # (B, L, C)
+        feats = np.repeat(image_feats, K, axis=0)  # (B*K, L, C)
         state["step"] += 1
         seqs = policy.sample(tf.constant(feats), tf.constant([seed, state["step"]], tf.int32)).numpy()
         caps = [strip_end(s, policy.vocab.end_id) for s in seqs]
         rewards = np.array([scorer.score(scorer.vector(c), train_refs[idx[j // K]]) for j, c in enumerate(caps)])
         if settings.baseline == "greedy":
-            g = policy.greedy(train.features[idx])
+            g = policy.greedy(image_feats)
             base = baseline(rewards, K, [scorer.score(scorer.vector(c), train_refs[i]) for c, i in zip(g, idx)])
         else:
             base = baseline(rewards, K)
         advantage, step_seed = tf.constant(rewards - base, tf.float32), tf.constant([seed, state["step"]])
-        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), advantage, step_seed)
+        ref_feats, refs = policy.references(image_feats, [train.references[i] for i in idx])
+        policy.train_step(tf.constant(feats), tf.constant(seqs, tf.int32), advantage, step_seed, ref_feats, refs)
         rewards_seen.append(rewards.mean())
         lengths.extend(len(c) for c in caps)
     return epoch, rewards_seen, lengths
@@ -274,14 +277,31 @@ class _Policy:
         self._step = make_step_fn(decoder, top_k=2, end_id=vocab.end_id)  # greedy: beam 1 reads 2 candidates
         L, C = feature_shape
         signature = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32),
-                     tf.TensorSpec([None], tf.float32), tf.TensorSpec([2], tf.int32)]  # fmt: skip
+                     tf.TensorSpec([None], tf.float32), tf.TensorSpec([2], tf.int32),
+                 tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]  # fmt: skip
         self.train_step = tf.function(self._train_step, input_signature=signature)
         self._optimizer, self._clip_norm, self._dropout = optimizer, settings.clip_norm, settings.dropout
+        self._xe_weight = settings.xe_weight
 
-    def _train_step(self, feats, seqs, advantage, seed):
+    def references(self, image_feats, references):
+        """The cross-entropy term's inputs: features (R, L, C) and ``<start>`` words ``<end>`` rows
+        (R, T) of every reference of the batch's images (empty when the term is off)."""
         import tensorflow as tf
 
-        from .decoders.base import dense_gradients
+        if self._xe_weight == 0:
+            return tf.zeros([0, *image_feats.shape[1:]]), tf.zeros([0, 2], tf.int32)
+        v = self.vocab
+        rows = [[v.start_id, *r, v.end_id] for refs in references for r in refs]
+        tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+        counts = [len(refs) for refs in references]
+        return tf.constant(np.repeat(image_feats, counts, axis=0)), tf.constant(tokens)
+
+    def _train_step(self, feats, seqs, advantage, seed, ref_feats, refs):
+        import tensorflow as tf
+
+        from .decoders.base import dense_gradients, dropout_seeds
 
         decoder, vocab = self.decoder, self.vocab
         inputs = tf.concat([tf.fill([tf.shape(seqs)[0], 1], vocab.start_id), seqs[:, :-1]], axis=1)
@@ -294,10 +314,26 @@ class _Policy:
             logits = policy_logits(logits)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=seqs, logits=logits)  # (N, T)
             loss = -tf.reduce_mean(advantage * tf.reduce_sum(logp * mask, axis=1))
+            if self._xe_weight > 0:
+                loss += self._xe_weight * self._reference_loss(ref_feats, refs, dropout_seeds(seed)[1])
         grads = dense_gradients(tape.gradient(loss, decoder.trainable_variables), decoder.trainable_variables)
         grads, _ = tf.clip_by_global_norm(grads, self._clip_norm)
         self._optimizer.apply_gradients(zip(grads, decoder.trainable_variables))
         return loss
+
+    def _reference_loss(self, feats, refs, seed):
+        """Mean cross-entropy of the references (R, T) under the policy (its banned tokens left
+        out: an ``<unk>`` in a reference is not scored)."""
+        import tensorflow as tf
+
+        from .decoders.base import masked_cross_entropy_sum
+
+        inputs, targets = refs[:, :-1], refs[:, 1:]
+        lengths = tf.reduce_sum(tf.cast(targets > 0, tf.int32), axis=1)
+        logits, _ = self.decoder.forward(feats, inputs, dropout_seed=seed if self._dropout else None, lengths=lengths)
+        scored = tf.where(tf.equal(targets, self.vocab.unk_id), 0, targets)  # (R, T); 0 is not scored
+        total, count = masked_cross_entropy_sum(policy_logits(logits), scored)
+        return total / tf.maximum(count, 1.0)
 
     def greedy(self, features):
         """Greedy captions (token lists) of ``features``, 64 images at a time."""
