@@ -6,7 +6,10 @@ references, computed once: :mod:`captioning.cider`), minus a baseline: the mean 
 image's other samples (the "new self-critical" variant) or the reward of its greedy caption
 (the original). The loss is REINFORCE's ``-(reward - baseline) * log p(sample)``: samples that
 beat the baseline become more likely, the others less. Early stopping watches the validation
-split's greedy CIDEr-D, not a loss.
+split's greedy CIDEr-D, not a loss. Two regularisers for small datasets, where the policy soon
+fits the training images' references: dropout in the update's forward pass (``dropout``), and the
+cross-entropy of the batch images' references added to the loss (``xe_weight``), which keeps
+human wording likely as CIDEr-D is chased.
 
 Like cross-entropy training: sampling is seeded per (seed, epoch, batch) with stateless random
 ops, each epoch ends with an atomic checkpoint, and a killed run resumes on the same path.
@@ -278,7 +281,7 @@ class _Policy:
         L, C = feature_shape
         signature = [tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32),
                      tf.TensorSpec([None], tf.float32), tf.TensorSpec([2], tf.int32),
-                 tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]  # fmt: skip
+                     tf.TensorSpec([None, L, C], tf.float32), tf.TensorSpec([None, None], tf.int32)]  # fmt: skip
         self.train_step = tf.function(self._train_step, input_signature=signature)
         self._optimizer, self._clip_norm, self._dropout = optimizer, settings.clip_norm, settings.dropout
         self._xe_weight = settings.xe_weight
