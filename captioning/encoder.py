@@ -112,8 +112,37 @@ def load_model_file(spec: EncoderSpec):
     if len(shape) != 3 or shape[-1] not in (None, 3):
         raise CaptioningError(f"{path}: takes inputs of shape {shape}, not (height, width, 3) RGB images")
     if shape[:2] not in ((None, None), (spec.image_size, spec.image_size)):
-        raise CaptioningError(f"{path}: takes {shape[0]}x{shape[1]} images; set features.image_size to {shape[0]}")
+        base = _at_size(base, spec.image_size, path)
     return _feature_model(base, spec, path)
+
+
+def _at_size(model, size: int, path):
+    """``model`` rebuilt for ``size`` x ``size`` inputs with the same weights. A convolutional
+    network runs at any size; a larger one gives a finer feature map (224 -> 7x7, 320 -> 10x10)."""
+    config = model.get_config()
+    _set_input_size(config, size)
+    try:
+        resized = model.__class__.from_config(config)
+        resized.set_weights(model.get_weights())
+        if tuple(resized.inputs[0].shape[1:3]) != (size, size):
+            raise ValueError("its input size is not in its config")
+    except (ValueError, TypeError) as e:
+        shape = tuple(model.inputs[0].shape[1:3])
+        raise CaptioningError(
+            f"{path}: takes {shape[0]}x{shape[1]} images and cannot be rebuilt for {size}x{size}"
+            f" ({str(e).splitlines()[0]}); set features.image_size to {shape[0]}"
+        ) from None
+    return resized
+
+
+def _set_input_size(config: dict, size: int):
+    """Every input layer of a functional model's config, nested models' included, to size x size."""
+    for layer in config.get("layers", []):
+        if layer["class_name"] == "InputLayer":
+            shape = layer["config"]["batch_shape"]
+            layer["config"]["batch_shape"] = [shape[0], size, size, *shape[3:]]
+        elif isinstance(layer.get("config"), dict) and "layers" in layer["config"]:
+            _set_input_size(layer["config"], size)
 
 
 def load_encoder_file(path):

@@ -277,8 +277,9 @@ def test_any_keras_model_file_is_an_encoder(tmp_path, shapes_dir):
         build_encoder(make_spec(path, "none", "", 32, 1.0, 0))
     with pytest.raises(CaptioningError, match="has no layer named 'nope'"):
         build_encoder(make_spec(path, "none", "nope", 32, 1.0, 0))
-    with pytest.raises(CaptioningError, match="takes 32x32 images; set features.image_size to 32"):
-        build_encoder(make_spec(path, "none", "map", 64, 1.0, 0))
+    assert make_forward(*build_encoder(make_spec(path, "none", "map", 64, 1.0, 0)))(np.zeros((1, 64, 64, 3), np.uint8))[
+        0
+    ].shape == (1, 256, 5)  # rebuilt for 64 px: a 16x16 map
     with pytest.raises(CaptioningError, match="holds its own weights"):
         build_encoder(make_spec(path, "imagenet", "map", 32, 1.0, 0))
     tiny_cnn_file(tmp_path / "cnn.keras", rescale=False)  # another network at the same path
@@ -291,6 +292,45 @@ def test_any_keras_model_file_is_an_encoder(tmp_path, shapes_dir):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     with pytest.raises(CaptioningError, match="junk.keras: not a Keras model"):
         build_encoder(make_spec(str(tmp_path / "junk.keras"), "none", "", 32, 1.0, 0))
+
+
+def test_a_model_file_runs_at_another_image_size(tmp_path):
+    """A convolutional model file saved for 32 px, asked for 48 px: rebuilt with its own weights
+    (nested models included), it computes what the same layers compute at 48 px; a network with a
+    dense layer on the flattened map cannot be rebuilt, and the error says what to set."""
+    import keras
+
+    from captioning.encoder import build_encoder, make_forward, make_spec
+
+    keras.utils.set_random_seed(0)
+
+    def network(size):  # RGB in, a nested convolutional body, then pooling
+        body_in = keras.Input((size, size, 3))
+        body = keras.Model(
+            body_in, keras.layers.Conv2D(4, 3, strides=2, padding="same", name="conv")(body_in), name="body"
+        )
+        inp = keras.Input((size, size, 3))
+        x = body(keras.layers.Rescaling(1 / 255)(inp))
+        return keras.Model(inp, keras.layers.MaxPooling2D(2, name="map")(x))
+
+    saved = network(32)
+    saved.save(tmp_path / "nested.keras")
+    wanted = network(48)
+    wanted.set_weights(saved.get_weights())
+    image = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    spec = make_spec(str(tmp_path / "nested.keras"), "none", "", 48, 1.0, 0)
+    got = make_forward(*build_encoder(spec))(image)[0].numpy()  # (2, 144, 4): a 12x12 map
+    np.testing.assert_allclose(got, wanted(image.astype(np.float32)).numpy().reshape(2, 144, 4), rtol=1e-5, atol=1e-6)
+
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, name="map")(inp)
+    keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x))).save(tmp_path / "dense.keras")
+    with pytest.raises(
+        CaptioningError,
+        match=r"dense.keras: takes 32x32 images and cannot be rebuilt for 48x48 .*"
+        r"set features.image_size to 32",
+    ):
+        build_encoder(make_spec(str(tmp_path / "dense.keras"), "none", "map", 48, 1.0, 0))
 
 
 @pytest.mark.parametrize("backbone", ["resnet101", "efficientnetv2b0", "efficientnetv2s", "convnext_tiny"])
