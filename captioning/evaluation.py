@@ -15,6 +15,7 @@ def evaluate_split(model, store, records, split, decoding: Decoding, batch_size,
     an ensemble too) on the ``split`` images of ``records`` (the dataset's, with captions) that
     have features in ``store``; split images without features are counted, not captioned.
     Steered or sampled ``decoding`` keeps every caption of an image in its prediction."""
+    store.check_encoder(model.encoder, model.folder)
     in_split = [r for r in records if r["split"] == split]
     chosen = [r for r in in_split if r["image"] in store.index]
     if not chosen:

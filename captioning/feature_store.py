@@ -80,6 +80,10 @@ class EncoderSpec:
         random = self.weights == "none" and not is_model_file(self.backbone)
         return self == other if random else dataclasses.replace(self, seed=0) == dataclasses.replace(other, seed=0)
 
+    def describe(self) -> str:
+        layer = self.resolved_layer() or "output"
+        return f"{self.backbone} (layer {layer}, {self.image_size} px, weights {self.weights})"
+
     @classmethod
     def from_attrs(cls, attrs: dict) -> EncoderSpec:
         """The spec stored by :meth:`attrs` (in a features file or a model's config)."""
@@ -111,6 +115,13 @@ class FeatureStore:
     @property
     def spec(self) -> EncoderSpec:
         return EncoderSpec.from_attrs(self.attrs)
+
+    def check_encoder(self, spec: EncoderSpec, model) -> None:
+        """Refuse features of another CNN than ``model`` was trained on: a decoder reads any map
+        with its channel count without an error, and captions noise."""
+        if not self.spec.same_network(spec):
+            theirs, its = self.spec.describe(), spec.describe()
+            raise CaptioningError(f"{self.path}: features of {theirs}, but {model} was trained on those of {its}")
 
     def content_hash(self) -> str:
         """The hash of the feature bytes the features stage stored in the file, or (older files

@@ -125,6 +125,7 @@ def attention_summary(model, store, predictions, records, object_re, chunk=256) 
     of predictions (:func:`captioning.decode.word_attention`, ``chunk`` images in memory at a time)."""
     from .decode import word_attention
 
+    store.check_encoder(model.encoder, model.folder)
     attends = model.decoder.settings().get("attention", True)  # the transformer always attends
     grid = tuple(int(g) for g in store.attrs["grid"])
 

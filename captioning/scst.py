@@ -158,6 +158,7 @@ def fine_tune_model(model, store, captions_h5, settings: FinetuneSettings, seed,
     the val split's CIDEr-D (document frequencies: each split's own references)."""
     from .cider import CiderD
 
+    store.check_encoder(model.encoder, model.folder)
     vocab = model.vocab
     train, val = image_set(store, captions_h5, "train", vocab), image_set(store, captions_h5, "val", vocab)
     base = len(vocab) + 1  # token ids are digits of this base in the n-gram keys

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from captioning.commands import main as cli
 from captioning.metrics import coco_scores, spice_available
 from captioning.scene_metrics import scene_accuracy
-from stages import evaluate, train
+from stages import evaluate, finetune, report, train
 
 
 def test_stages_end_to_end(tiny_run):
@@ -263,3 +263,38 @@ def test_evaluate_decodes_several_models_as_one_ensemble(tiny_run, tmp_path):
     args[args.index(root / "models_final")] = other
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
     assert result.exit_code == 1 and f"{other}: another vocabulary than {root / 'models'}" in result.output
+
+
+def test_features_of_another_encoder_are_refused_by_name(tiny_run, tmp_path):
+    """A model trained on one CNN's features, given another's (here the model claims 48 px
+    images): evaluate, finetune and report each stop with one line naming the features file,
+    before any captioning."""
+    root, _ = tiny_run
+    other = tmp_path / "other"
+    shutil.copytree(root / "models", other)
+    config = json.loads((other / "config.json").read_text())
+    config["encoder"]["image_size"] = 48
+    (other / "config.json").write_text(json.dumps(config))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"]["enabled"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    features = root / "data/features.h5"
+    common = ["--params", tmp_path / "params.yaml", "--model", other, "--features", features]
+    runs = {
+        evaluate: ["--dataset", root / "data/dataset.json", "--metrics", tmp_path / "m.json",
+                   "--predictions", tmp_path / "p.json", "--no-progress"],
+        finetune: ["--captions", root / "data/captions.h5", "--out", tmp_path / "ft", "--checkpoint", tmp_path / "ck",
+                   "--live-dir", tmp_path / "live", "--no-progress"],
+        report: ["--dataset", root / "data/dataset.json", "--images", root / "data/shapes/images",
+                 "--predictions", root / "reports/predictions.json", "--metrics", root / "reports/metrics.json",
+                 "--curves", root / "reports/train/plots/metrics", "--out", tmp_path / "g",
+                 "--plots", tmp_path / "plots", "--summary", tmp_path / "a.json"],
+    }  # fmt: skip
+    for stage, args in runs.items():
+        result = CliRunner().invoke(stage.main, [str(a) for a in common + args])
+        assert result.exit_code == 1, result.output
+        assert f"{features}: features of vgg16 (layer block3_pool, 32 px, weights none), but {other} was trained" in (
+            result.output
+        )
+        assert "48 px" in result.output and "Traceback" not in result.output
+    assert not any((tmp_path / p).exists() for p in ("m.json", "p.json", "ft", "g", "a.json"))
