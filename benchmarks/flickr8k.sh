@@ -5,8 +5,9 @@
 #   bash benchmarks/flickr8k.sh [VARIANT] [ENCODER] [-S key=value ...]   (ENCODER: mobilenet | lite0)
 # Runs as DVC experiments (named flickr8k-VARIANT-ENCODER, or $EXP_NAME), so the default
 # workspace results stay as they are; `dvc exp show` compares them afterwards. Every variant
-# shares the features (DVC's run cache restores them) and the training budget (5 epochs,
-# early stopping with patience 2, Adam 1e-3, batch 128).
+# shares the features (DVC's run cache restores them; another `-S seed=` computes them again,
+# as the features stage reads the seed for random-init encoders) and the training budget
+# (5 epochs, early stopping with patience 2, Adam 1e-3, batch 128).
 #   bash benchmarks/flickr8k.sh                  # GRU + soft attention (the headline run)
 #   bash benchmarks/flickr8k.sh noatt            # GRU, no attention ("image as initial state")
 #   bash benchmarks/flickr8k.sh blind            # GRU, image features zeroed (attention over
