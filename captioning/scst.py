@@ -9,7 +9,8 @@ beat the baseline become more likely, the others less. Early stopping watches th
 split's greedy CIDEr-D, not a loss. Two regularisers for small datasets, where the policy soon
 fits the training images' references: dropout in the update's forward pass (``dropout``), and the
 cross-entropy of the batch images' references added to the loss (``xe_weight``), which keeps
-human wording likely as CIDEr-D is chased.
+human wording likely as CIDEr-D is chased. ``bleu_weight`` adds that much of each caption's
+sentence BLEU-4 to its reward, for users who report BLEU; early stopping still watches CIDEr-D.
 
 Like cross-entropy training: sampling is seeded per (seed, epoch, batch) with stateless random
 ops, each epoch ends with an atomic checkpoint, and a killed run resumes on the same path.
@@ -42,6 +43,7 @@ class FinetuneSettings:
     clip_norm: float = config.field(lo=0.0)
     dropout: bool = config.field()  # the loss's forward pass drops out at the decoder's rate (sampling never does)
     xe_weight: float = config.field(lo=0.0)  # >0: plus this times the cross-entropy of the images' references
+    bleu_weight: float = config.field(lo=0.0)  # >0: the reward adds this times the caption's sentence BLEU-4
 
     def validate(self, section):
         if self.baseline == "mean" and self.samples < 2:
@@ -89,6 +91,32 @@ def baseline(rewards, samples, greedy=None):
     if samples < 2:
         raise CaptioningError("the mean-of-others baseline needs at least 2 samples per image")
     return ((r.sum(axis=1, keepdims=True) - r) / (samples - 1)).reshape(-1)
+
+
+def sentence_bleu4(caption, references) -> float:
+    """BLEU-4 of one caption (token ids) against its references (nltk: the closest reference
+    length for the brevity penalty; smoothing 1 of Chen & Cherry, 2014, so a caption without a
+    matching 4-gram still earns by its shorter n-grams instead of scoring 0)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not caption:
+        return 0.0
+    return float(sentence_bleu(references, caption, smoothing_function=SmoothingFunction().method1))
+
+
+class Reward:
+    """A caption's SCST reward: its CIDEr-D (``scorer``: :class:`captioning.cider.CiderD`) plus
+    ``bleu_weight`` times its sentence BLEU-4, against one image's references; ``ref_vecs`` are
+    their CIDEr-D vectors (prepared once), ``refs`` their token ids."""
+
+    def __init__(self, scorer, bleu_weight=0.0):
+        self.scorer, self.bleu_weight = scorer, bleu_weight
+
+    def __call__(self, caption, ref_vecs, refs) -> float:
+        r = self.scorer.score(self.scorer.vector(caption), ref_vecs)
+        if self.bleu_weight:
+            r += self.bleu_weight * sentence_bleu4(caption, refs)
+        return r
 
 
 def strip_end(seq, end_id):
@@ -212,9 +240,10 @@ def fine_tune(
     state, best_weights = lifecycle.begin_or_resume(
         checkpoint_dir, decoder, optimizer, fingerprint, fresh, on_epoch, log
     )
+    reward = Reward(scorer, settings.bleu_weight)
     while lifecycle.running(state, settings):
         t0 = time.perf_counter()
-        epoch, rewards, lengths = _epoch(state, policy, train, train_refs, scorer, settings, seed, progress)
+        epoch, rewards, lengths = _epoch(state, policy, train, train_refs, reward, settings, seed, progress)
         score = val_cider()
         metrics = {
             "epoch": epoch,
@@ -235,9 +264,9 @@ def fine_tune(
     return lifecycle.finish(checkpoint_dir, decoder, optimizer, state, best_weights)
 
 
-def _epoch(state, policy, train, train_refs, scorer, settings, seed, progress):
-    """One SCST epoch over ``train`` (``train_refs``: its references as CIDEr-D vectors;
-    ``state["step"]`` advances): ``(epoch, mean rewards per batch, sampled caption lengths)``."""
+def _epoch(state, policy, train, train_refs, reward, settings, seed, progress):
+    """One SCST epoch over ``train`` (``train_refs``: its references as CIDEr-D vectors; ``reward``:
+    a :class:`Reward`; ``state["step"]`` advances): ``(epoch, mean rewards per batch, sampled caption lengths)``."""
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -253,10 +282,11 @@ def _epoch(state, policy, train, train_refs, scorer, settings, seed, progress):
         state["step"] += 1
         seqs = policy.sample(tf.constant(feats), tf.constant([seed, state["step"]], tf.int32)).numpy()
         caps = [strip_end(s, policy.vocab.end_id) for s in seqs]
-        rewards = np.array([scorer.score(scorer.vector(c), train_refs[idx[j // K]]) for j, c in enumerate(caps)])
+        owners = idx[np.arange(len(caps)) // K]  # each sample's image
+        rewards = np.array([reward(c, train_refs[i], train.references[i]) for c, i in zip(caps, owners)])
         if settings.baseline == "greedy":
             g = policy.greedy(image_feats)
-            base = baseline(rewards, K, [scorer.score(scorer.vector(c), train_refs[i]) for c, i in zip(g, idx)])
+            base = baseline(rewards, K, [reward(c, train_refs[i], train.references[i]) for c, i in zip(g, idx)])
         else:
             base = baseline(rewards, K)
         advantage, step_seed = tf.constant(rewards - base, tf.float32), tf.constant([seed, state["step"]])
