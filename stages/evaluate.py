@@ -71,12 +71,14 @@ def main(params_file, model_dirs, features, dataset, metrics_out, predictions, p
     scores, preds = evaluate_split(
         model, store, read_json(dataset)["images"], p.split, decoding, p.batch_size, progress, click.echo, dataset
     )
+    # every decoding setting off its default goes into the metrics, so two runs' figures say how they differ
+    changed = [f for f in fields if f in Params.__dataclass_fields__ and getattr(p, f) != fields[f]]
     scores.update(
         beam_size=p.beam_size,
         max_length=p.max_length,
         length_penalty=p.length_penalty,
         **({"ensemble": len(model_dirs)} if len(model_dirs) > 1 else {}),
-        **{f: getattr(p, f) for f in ("n_best", "groups", "diversity", "sample") if getattr(p, f) != fields[f]},
+        **{f: getattr(p, f) for f in changed if f not in ("beam_size", "max_length", "length_penalty")},
     )
     write_json(metrics_out, scores)
     write_json(predictions, preds)
