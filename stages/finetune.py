@@ -25,8 +25,9 @@ def main(params_file, model_dir, features, captions, out, checkpoint, live_dir, 
     Off by default (finetune.enabled): then MODEL is copied to OUT unchanged, so the stages
     after it always read OUT. On: samples finetune.samples captions per image, rewards each
     with CIDEr-D against the image's references (document frequencies from the training
-    references; plus finetune.bleu_weight times its sentence BLEU-4), subtracts the baseline and follows the policy gradient; early stopping on the
-    val split's greedy CIDEr-D; atomic per-epoch checkpoints in CHECKPOINT, exact resume.
+    references; plus finetune.bleu_weight times its sentence BLEU-4), subtracts the baseline and
+    follows the policy gradient; early stopping on the val split's greedy CIDEr-D; atomic
+    per-epoch checkpoints in CHECKPOINT, exact resume.
     """
     from captioning.scst import FinetuneSettings
 
