@@ -67,18 +67,18 @@ def main(params_file, model_dirs, features, dataset, metrics_out, predictions, p
     model = load_models(model_dirs)
     model.decoder.check_max_length(p.max_length, "evaluate.max_length")
     # CaptioningError names a bad combination of settings
-    decoding = Decoding(**{f: getattr(p, f) for f in fields if f in Params.__dataclass_fields__}, seed=seed)
+    settings = {f: getattr(p, f) for f in fields if f in Params.__dataclass_fields__}
+    decoding = Decoding(**settings, seed=seed)
     scores, preds = evaluate_split(
         model, store, read_json(dataset)["images"], p.split, decoding, p.batch_size, progress, click.echo, dataset
     )
-    # every decoding setting off its default goes into the metrics, so two runs' figures say how they differ
-    changed = [f for f in fields if f in Params.__dataclass_fields__ and getattr(p, f) != fields[f]]
+    # the search's size always, and every other decoding setting off its default, go into the metrics,
+    # so two runs' figures say how their decoding differed
+    always = {"beam_size": p.beam_size, "max_length": p.max_length, "length_penalty": p.length_penalty}
     scores.update(
-        beam_size=p.beam_size,
-        max_length=p.max_length,
-        length_penalty=p.length_penalty,
+        always,
         **({"ensemble": len(model_dirs)} if len(model_dirs) > 1 else {}),
-        **{f: getattr(p, f) for f in changed if f not in ("beam_size", "max_length", "length_penalty")},
+        **{f: v for f, v in settings.items() if f not in always and v != fields[f]},
     )
     write_json(metrics_out, scores)
     write_json(predictions, preds)
